@@ -1,0 +1,37 @@
+"""glmtune: fine-tune, evaluate, chat with and serve the ChatGLM family and other causal LMs.
+
+Public API (stable): :func:`load_tokenizer`, :func:`load_model`, :func:`get_template`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError, GlmtuneError, ModelLoadError
+from .loading import load_model, load_tokenizer
+from .specs import REGISTRY, ModelSpec, detect_generation, spec_for
+from .templates import IGNORE_INDEX, Template
+
+__version__ = "0.1.0"
+
+
+def get_template(path_or_name: str | os.PathLike) -> Template:
+    """The chat template of a model folder or of a registry name (chatglm, chatglm2, chatglm3, glm4, hf)."""
+    return spec_for(path_or_name).template
+
+
+__all__ = [
+    "ConfigError",
+    "GlmtuneError",
+    "IGNORE_INDEX",
+    "ModelLoadError",
+    "ModelSpec",
+    "REGISTRY",
+    "Template",
+    "detect_generation",
+    "get_template",
+    "load_model",
+    "load_tokenizer",
+    "spec_for",
+    "__version__",
+]

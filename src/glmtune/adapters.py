@@ -1,0 +1,96 @@
+"""LoRA adapters through peft, including adapters trained on the official remote-code ChatGLM2/3.
+
+Those adapters wrap the fused ``query_key_value`` projection. On glmtune's native model q, k and v are
+separate; a fused LoRA ``ΔW = B·A`` (B: [(H+2G)·d, r]) splits exactly into three LoRAs sharing A, with
+B cut by rows into the q, k and v parts. Same rank, same alpha, identical outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .specs import ModelSpec, read_json
+
+_OFFICIAL_LAYER = re.compile(r"^(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(.+?)\.(lora_[AB])\.weight$")
+_OFFICIAL_MODULE = {
+    "self_attention.query_key_value": "self_attn.qkv",
+    "self_attention.dense": "self_attn.o_proj",
+    "mlp.dense_h_to_4h": "mlp.gate_up_proj",
+    "mlp.dense_4h_to_h": "mlp.down_proj",
+}
+
+
+def read_adapter_state(adapter: Path) -> dict[str, torch.Tensor]:
+    from .loading import iter_tensors
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).exists():
+            return dict(iter_tensors(adapter / name))
+    raise ModelLoadError(f"{adapter}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _is_official_fused(state: dict[str, torch.Tensor]) -> bool:
+    return any(_OFFICIAL_LAYER.match(k) for k in state)
+
+
+def convert_official_lora(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official ChatGLM2/3 LoRA keys -> native Glm keys; returns (state, native target module names)."""
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    out: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for key, tensor in state.items():
+        m = _OFFICIAL_LAYER.match(key)
+        if not m or m.group(2) not in _OFFICIAL_MODULE:
+            raise ModelLoadError(f"adapter weight {key!r}: not a LoRA weight of a known ChatGLM module")
+        layer, module, ab = m.group(1), _OFFICIAL_MODULE[m.group(2)], m.group(3)
+        base = f"base_model.model.model.layers.{layer}."
+        if module != "self_attn.qkv":
+            out[f"{base}{module}.{ab}.weight"] = tensor
+            targets.add(module.rsplit(".", 1)[1])
+            continue
+        if ab == "lora_A":
+            parts = (tensor, tensor, tensor)  # the three LoRAs share the down-projection A [r, hidden]
+        else:
+            if tensor.shape[0] != q_rows + 2 * kv_rows:
+                raise ModelLoadError(f"adapter weight {key!r}: {tensor.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
+            parts = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+        for proj, t in zip(("q_proj", "k_proj", "v_proj"), parts):
+            out[f"{base}self_attn.{proj}.{ab}.weight"] = t.contiguous().clone()
+            targets.add(proj)
+    return out, sorted(targets)
+
+
+def apply_lora(model, adapter: Path, spec: ModelSpec, is_trainable: bool = False):
+    """Wrap ``model`` with the LoRA adapter in ``adapter`` (a peft folder)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+    state = read_adapter_state(adapter)
+    if not (_is_official_fused(state) and spec.official_lora_targets and hasattr(model.config, "head_dim")
+            and hasattr(model, "model")):
+        try:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(f"{adapter}: cannot apply the LoRA adapter: {e}") from None
+    cfg = read_json(adapter / "adapter_config.json")
+    native, targets = convert_official_lora(state, model.config)
+    lora_cfg = LoraConfig(
+        r=int(cfg.get("r", 8)),
+        lora_alpha=cfg.get("lora_alpha", 8),
+        lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=targets,
+        bias=cfg.get("bias", "none"),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        task_type="CAUSAL_LM",
+        inference_mode=not is_trainable,
+    )
+    peft_model = get_peft_model(model, lora_cfg)
+    result = set_peft_model_state_dict(peft_model, native)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelLoadError(f"{adapter}: adapter weights that match no module: {', '.join(unexpected[:5])}")
+    return peft_model

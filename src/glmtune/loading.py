@@ -1,0 +1,372 @@
+"""Load models, tokenizers and adapters from local folders without running the folder's code.
+
+Official ChatGLM checkpoints are streamed shard by shard, tensor by tensor, into a model whose
+parameters start on the meta device, so peak memory stays near one copy of the weights. Every
+failure names the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, get_spec, read_json, spec_for
+
+log = logging.getLogger(__name__)
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# --------------------------------------------------------------------------------------------- files
+def check_folder(path: Path) -> None:
+    """Refuse symlinks that lead outside the model folder (a folder must not read files elsewhere)."""
+    root = path.resolve()
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if root not in target.parents and target != root:
+                raise ModelLoadError(f"{entry}: symbolic link points outside the model folder (to {target}); refused")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a folder in load order (sharded index first, then single files)."""
+    for index in WEIGHT_INDEXES:
+        p = path / index
+        if p.exists():
+            idx = read_json(p)
+            if "weight_map" not in idx or not isinstance(idx["weight_map"], dict):
+                raise ModelLoadError(f"{p}: no 'weight_map' object")
+            names = list(dict.fromkeys(idx["weight_map"].values()))
+            files = []
+            for n in names:
+                f = path / n
+                if Path(n).name != n:
+                    raise ModelLoadError(f"{p}: shard name {n!r} is not a plain file name; refused")
+                if not f.exists():
+                    raise ModelLoadError(f"{p}: shard {n} is listed but missing")
+                files.append(f)
+            return files
+    for name in WEIGHT_FILES:
+        if (path / name).exists():
+            return [path / name]
+    raise ModelLoadError(f"{path}: no weights (looked for {', '.join(WEIGHT_INDEXES + WEIGHT_FILES)})")
+
+
+def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one .safetensors or .bin file, one tensor in memory at a time."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{file}: corrupt safetensors file ({e})") from None
+        return
+    try:
+        # weights_only: a pickle can run arbitrary code; only tensors and plain containers are accepted.
+        # mmap: tensors are paged in as they are used instead of all at once.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{file}: refused to load: the pickle holds something other than tensors ({str(e).splitlines()[0]}). "
+            "Convert the checkpoint to safetensors if you trust it."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise ModelLoadError(f"{file}: corrupt or truncated weights file ({e})") from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for key in list(state):
+        tensor = state.pop(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"{file}: entry {key!r} is not a tensor")
+        yield key, tensor
+
+
+# ------------------------------------------------------------------------------------- assignment
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: Path) -> None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise ModelLoadError(f"{source}: unexpected weight {name!r} (no such module in the model)") from None
+    if attr in module._parameters:
+        current = module._parameters[attr]
+        if current is None or tuple(current.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(current.shape) if current is not None else None} (config.json does not match the weights)"
+            )
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise ModelLoadError(f"{source}: unexpected weight {name!r}")
+
+
+def stream_into(
+    model: nn.Module,
+    files: list[Path],
+    mapper: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]],
+    dtype: torch.dtype,
+    skip: Callable[[str], bool] = lambda name: False,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+) -> set[str]:
+    """Read every tensor of ``files``, map its name, cast floats to ``dtype``, put it into ``model``."""
+    loaded: set[str] = set()
+    for file in files:
+        for key, tensor in iter_tensors(file):
+            for name, t in mapper(key, tensor) if not skip(key) else []:
+                if name in loaded:
+                    raise ModelLoadError(f"{file}: weight {name!r} appears twice")
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if keep_fp32(name) else dtype)
+                _set_tensor(model, name, t, file)
+                loaded.add(name)
+    return loaded
+
+
+def _check_missing(model: nn.Module, path: Path, allowed_missing: Callable[[str], bool] = lambda n: False) -> None:
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not allowed_missing(n)]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
+
+
+def _empty_model(cls, config) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (no memory); buffers such as rotary tables are real.
+    with init_empty_weights(include_buffers=False):
+        return cls(config)
+
+
+def _tie_if_needed(model: nn.Module) -> None:
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+# --------------------------------------------------------------------------------------- adapters
+def adapter_kind(adapter: Path) -> str:
+    """"lora" for a peft folder, "ptuning" for an official P-Tuning v2 checkpoint folder."""
+    if (adapter / "adapter_config.json").exists():
+        return "lora"
+    if (adapter / "config.json").exists() and read_json(adapter / "config.json").get("pre_seq_len"):
+        return "ptuning"
+    raise ModelLoadError(
+        f"{adapter}: not an adapter folder (expected adapter_config.json for LoRA, or config.json with "
+        "pre_seq_len for an official P-Tuning v2 checkpoint)"
+    )
+
+
+def _ptuning_settings(adapter: Path) -> tuple[int, bool]:
+    cfg = read_json(adapter / "config.json")
+    return int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False))
+
+
+def _load_prefix(model: nn.Module, adapter: Path) -> None:
+    """Load ``transformer.prefix_encoder.*`` from an official P-Tuning v2 folder into the model."""
+    target = model.transformer.prefix_encoder if hasattr(model, "transformer") else model.prefix_encoder
+    state = {}
+    for file in weight_files(adapter):
+        for key, tensor in iter_tensors(file):
+            if not key.startswith("transformer.prefix_encoder."):
+                raise ModelLoadError(f"{file}: {key!r} is not a prefix-encoder weight (transformer.prefix_encoder.*)")
+            state[key[len("transformer.prefix_encoder.") :]] = tensor.float()
+    expected = dict(target.named_parameters())
+    for k, v in state.items():
+        if k not in expected:
+            raise ModelLoadError(f"{adapter}: unexpected prefix weight transformer.prefix_encoder.{k}")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(
+                f"{adapter}: transformer.prefix_encoder.{k} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(expected[k].shape)} (trained for another base model?)"
+            )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelLoadError(f"{adapter}: missing prefix weights: {', '.join(missing)}")
+    # The prefix encoder stays float32 whatever the base dtype (as the official training does).
+    target.to_empty(device="cpu")
+    target.load_state_dict(state, strict=True)
+    target.float()
+
+
+# ----------------------------------------------------------------------------------------- models
+def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
+    from transformers import GlmForCausalLM
+
+    from .models.glm_official import glm_config_from_official, official_to_native
+    from .models.glm_prefix import GlmPrefixForCausalLM
+
+    config = glm_config_from_official(cfg, str(path / "config.json"))
+    cls = GlmForCausalLM
+    if ptuning:
+        config.pre_seq_len, config.prefix_projection = ptuning
+        cls = GlmPrefixForCausalLM
+    model = _empty_model(cls, config)
+    stream_into(
+        model,
+        weight_files(path),
+        lambda k, t: official_to_native(k, t, config),
+        dtype,
+        skip=lambda k: k.startswith("transformer.prefix_encoder."),
+    )
+    _check_missing(model, path, allowed_missing=lambda n: n.startswith("prefix_encoder."))
+    return model
+
+
+def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
+    from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+
+    config = ChatGLMv1Config.from_official(cfg) if cfg.get("model_type") == "chatglm" else ChatGLMv1Config(**cfg)
+    if ptuning:
+        config.pre_seq_len, config.prefix_projection = ptuning
+    model = _empty_model(ChatGLMv1ForCausalLM, config)
+    tied = getattr(config, "tie_word_embeddings", True)
+    stream_into(
+        model,
+        weight_files(path),
+        lambda k, t: [(k, t)],
+        dtype,
+        # inv_freq is recomputed (the original ignores the stored copy); a tied lm_head is the embedding.
+        skip=lambda k: k.endswith("rotary_emb.inv_freq")
+        or k.startswith("transformer.prefix_encoder.")
+        or (tied and k == "lm_head.weight"),
+    )
+    _tie_if_needed(model)
+    _check_missing(model, path, allowed_missing=lambda n: ".prefix_encoder." in n)
+    return model
+
+
+def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    gguf = find_gguf(path)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf.name
+        path = gguf.parent
+    else:
+        cfg = read_json(path / "config.json")
+        if cfg.get("auto_map") and not trust_remote_code:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            if cfg.get("model_type") not in CONFIG_MAPPING:
+                raise ModelLoadError(
+                    f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} is not known to glmtune or "
+                    "transformers; the folder ships its own code (auto_map). Pass --trust-remote-code "
+                    "(trust_remote_code=True) to run it, only if you trust its author."
+                )
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    generation: str | None = None,
+):
+    """Load a causal LM from a local folder (or GGUF file), optionally with a LoRA / P-Tuning adapter.
+
+    Returns a transformers ``PreTrainedModel`` in eval mode; ``model.config.glmtune_generation`` names
+    the ModelSpec entry it was loaded with.
+    """
+    path = Path(path)
+    spec = get_spec(generation) if generation else spec_for(path)
+    if path.is_dir():
+        check_folder(path)
+    kind = None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not adapter.is_dir():
+            raise ModelLoadError(f"{adapter}: adapter folder not found")
+        check_folder(adapter)
+        kind = adapter_kind(adapter)
+        if kind == "ptuning" and not spec.supports_ptuning:
+            raise ModelLoadError(f"{adapter}: P-Tuning v2 is not supported for {spec.name} models")
+    ptuning = _ptuning_settings(adapter) if kind == "ptuning" else None
+
+    cfg = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
+    official = spec.loader != "hf" and cfg.get("model_type") in ("chatglm", "chatglm6b")
+    if official and spec.loader == "chatglm_v1":
+        model = _load_chatglm_v1(path, cfg, dtype, ptuning)
+    elif official:
+        model = _load_glm_official(path, cfg, dtype, ptuning)
+    else:
+        if ptuning:
+            raise ModelLoadError(f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only")
+        model = _load_hf(path, dtype, trust_remote_code)
+    if ptuning:
+        _load_prefix(model, adapter)
+    setattr(model.config, GLMTUNE_GENERATION_KEY, spec.name)
+    if kind == "lora":
+        from .adapters import apply_lora
+
+        model = apply_lora(model, adapter, spec)
+    model.to(device)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+def load_tokenizer(path: str | os.PathLike, *, generation: str | None = None, trust_remote_code: bool = False):
+    """A transformers tokenizer for the model folder, never importing the folder's Python files."""
+    path = Path(path)
+    spec: ModelSpec = get_spec(generation) if generation else spec_for(path)
+    if spec.name in ("chatglm", "chatglm2", "chatglm3") and not (path / "tokenizer.json").exists():
+        from .tokenization import load_chatglm_tokenizer
+
+        return load_chatglm_tokenizer(path, spec.name)
+    from transformers import AutoTokenizer
+
+    gguf = find_gguf(path)
+    try:
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok_cfg = path / "tokenizer_config.json"
+        if tok_cfg.exists() and (path / "tokenizer.json").exists() and not trust_remote_code:
+            cls_name = read_json(tok_cfg).get("tokenizer_class", "")
+            if cls_name.startswith("ChatGLM"):
+                # A remote-code tokenizer class with a tokenizer.json beside it: use the json directly.
+                from transformers import PreTrainedTokenizerFast
+
+                return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
+                                               **_special_tokens(read_json(tok_cfg)))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+def _special_tokens(tok_cfg: dict) -> dict:
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token")
+    out = {k: tok_cfg[k] for k in keys if isinstance(tok_cfg.get(k), str)}
+    if isinstance(tok_cfg.get("chat_template"), str):
+        out["chat_template"] = tok_cfg["chat_template"]
+    return out
+
+
+def model_info(path: str | os.PathLike) -> dict:
+    """A JSON-able summary of what glmtune detects in a folder (for ``glmtune info``)."""
+    path = Path(path)
+    spec = spec_for(path)
+    info = {"path": str(path), "generation": spec.name, "description": spec.description}
+    if path.is_dir() and (path / "config.json").exists():
+        info["config"] = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return info
