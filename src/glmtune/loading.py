@@ -86,7 +86,7 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             f"{file}: refused to load: the pickle holds something other than tensors ({str(e).splitlines()[0]}). "
             "Convert the checkpoint to safetensors if you trust it."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise ModelLoadError(f"{file}: corrupt or truncated weights file ({e})") from None
     if not isinstance(state, dict):
         raise ModelLoadError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
