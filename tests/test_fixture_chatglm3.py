@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import shared_path
 from safetensors.torch import load_file
 
 import glmtune
+
+from conftest import shared_path
 
 
 def _tol(ref: torch.Tensor) -> float:
