@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from conftest import shared_path
 from glmtune.models.chatglm_v1 import (
     ChatGLMv1Config,
     ChatGLMv1ForCausalLM,
@@ -21,6 +20,8 @@ from glmtune.models.chatglm_v1 import (
     save_official_v1,
     state_dict_check_and_load,
 )
+
+from conftest import shared_path
 
 PAD = 3
 

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_path
 from glmtune.data import (
     DataError,
     Example,
@@ -19,6 +18,8 @@ from glmtune.data import (
     to_conversations_row,
     write_jsonl_atomic,
 )
+
+from conftest import shared_path
 
 
 def write_jsonl(path, rows, *, bom=False, newline="\n"):

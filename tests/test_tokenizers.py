@@ -11,7 +11,6 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import shared_path
 from glmtune.errors import ModelLoadError
 from glmtune.tokenization import ChatGLMTokenizer, ChatGLMv1Tokenizer, load_chatglm_tokenizer
 from glmtune.tokenization.testing import (
@@ -19,6 +18,8 @@ from glmtune.tokenization.testing import (
     train_tiny_spm,
     train_tiny_spm_v1,
 )
+
+from conftest import shared_path
 
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 
