@@ -112,6 +112,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import config_help, load_config
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    if args.config is None:
+        raise GlmtuneError("glmtune train needs a CONFIG.yaml (see configs/ and --help-config)")
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config: glmtune train CONFIG.yaml [key.sub=value ...]",
+                       description="Fine-tune from a YAML config with dotted overrides, e.g. "
+                       "glmtune train configs/chatglm3/lora.yaml train.learning_rate=1e-4 train.resume=latest. "
+                       "Multi-GPU: accelerate launch --config_file configs/accelerate/ddp.yaml -m glmtune.cli train ...")
+    p.add_argument("config", nargs="?", help="YAML config file (or a checkpoint folder holding glmtune_config.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     _add_generation_args(p)

@@ -178,9 +178,28 @@ def _ptuning_settings(adapter: Path) -> tuple[int, bool]:
     return int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False))
 
 
+def prefix_encoder_of(model: nn.Module) -> nn.Module:
+    """The P-Tuning v2 prefix encoder of a glmtune model (ChatGLM-6B keeps it under ``transformer``)."""
+    inner = getattr(model, "transformer", model)
+    encoder = getattr(inner, "prefix_encoder", None)
+    if encoder is None:
+        raise ModelLoadError("this model has no P-Tuning v2 prefix encoder")
+    return encoder
+
+
+def _init_prefix(model: nn.Module) -> None:
+    """A fresh prefix encoder: float32, embedding N(0, 1) and default Linear init, as the original."""
+    target = prefix_encoder_of(model)
+    target.to_empty(device="cpu")
+    for module in target.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    target.float()
+
+
 def _load_prefix(model: nn.Module, adapter: Path) -> None:
     """Load ``transformer.prefix_encoder.*`` from an official P-Tuning v2 folder into the model."""
-    target = model.transformer.prefix_encoder if hasattr(model, "transformer") else model.prefix_encoder
+    target = prefix_encoder_of(model)
     state = {}
     for file in weight_files(adapter):
         for key, tensor in iter_tensors(file):
@@ -200,7 +219,8 @@ def _load_prefix(model: nn.Module, adapter: Path) -> None:
     if missing:
         raise ModelLoadError(f"{adapter}: missing prefix weights: {', '.join(missing)}")
     # The prefix encoder stays float32 whatever the base dtype (as the official training does).
-    target.to_empty(device="cpu")
+    if any(p.is_meta for p in target.parameters()):
+        target.to_empty(device="cpu")
     target.load_state_dict(state, strict=True)
     target.float()
 
@@ -321,11 +341,15 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     generation: str | None = None,
+    prefix: tuple[int, bool] | None = None,
+    trainable_adapter: bool = False,
 ):
     """Load a causal LM from a local folder (or GGUF file), optionally with a LoRA / P-Tuning adapter.
 
     Returns a transformers ``PreTrainedModel`` in eval mode; ``model.config.glmtune_generation`` names
-    the ModelSpec entry it was loaded with.
+    the ModelSpec entry it was loaded with. ``prefix=(pre_seq_len, prefix_projection)`` adds a freshly
+    initialised P-Tuning v2 prefix encoder (to train one); ``trainable_adapter`` loads a LoRA adapter
+    with its weights trainable (to continue training it).
     """
     path = Path(path)
     spec = get_spec(generation) if generation else spec_for(path)
@@ -340,7 +364,9 @@ def load_model(
         kind = adapter_kind(adapter)
         if kind == "ptuning" and not spec.supports_ptuning:
             raise ModelLoadError(f"{adapter}: P-Tuning v2 is not supported for {spec.name} models")
-    ptuning = _ptuning_settings(adapter) if kind == "ptuning" else None
+    ptuning = _ptuning_settings(adapter) if kind == "ptuning" else prefix
+    if ptuning and not spec.supports_ptuning:
+        raise ModelLoadError(f"P-Tuning v2 is not supported for {spec.name} models ({path})")
 
     cfg = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
     official = spec.loader != "hf" and cfg.get("model_type") in ("chatglm", "chatglm6b")
@@ -352,13 +378,15 @@ def load_model(
         if ptuning:
             raise ModelLoadError(f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only")
         model = _load_hf(path, dtype, trust_remote_code)
-    if ptuning:
+    if kind == "ptuning":
         _load_prefix(model, adapter)
+    elif ptuning:
+        _init_prefix(model)
     setattr(model.config, GLMTUNE_GENERATION_KEY, spec.name)
     if kind == "lora":
         from .adapters import apply_lora
 
-        model = apply_lora(model, adapter, spec)
+        model = apply_lora(model, adapter, spec, is_trainable=trainable_adapter)
     model.to(device)
     model.eval()
     return model

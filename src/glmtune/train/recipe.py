@@ -1,0 +1,257 @@
+"""The training recipe: one function that reads top to bottom.
+
+    check the config against the machine -> tokenizer and template -> tokenized data (cached) ->
+    model (+ adapter to continue from) -> method makes it trainable -> HF Trainer -> summary
+
+Multi-GPU / multi-node runs use the same code under ``accelerate launch`` or ``torchrun``; the Trainer
+(accelerate underneath, DeepSpeed/FSDP through ``train.deepspeed`` or the accelerate config) does the
+distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, save_config
+from ..errors import ConfigError
+from ..specs import get_spec, read_json, spec_for
+from .methods import check_quantization, get_method, quantize_linears, trainable_summary
+
+CONFIG_NAME = "glmtune_config.yaml"
+
+
+def resolve_model_path(path: str) -> Path:
+    if path == "default":
+        from ..cli import embedded_model_path
+
+        return embedded_model_path()
+    return Path(path)
+
+
+def check_device(cfg: RunConfig) -> None:
+    """Refuse what the machine can't do before any weight is read."""
+    cuda = torch.cuda.is_available()
+    cfg.check_device(cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+                     device_name=torch.cuda.get_device_name() if cuda else "")
+    check_quantization(cfg.model.quantization)
+    if cfg.model.dtype == "float16" and not cuda:
+        raise ConfigError("model.dtype=float16 is not usable for training on the CPU; use float32 or bfloat16")
+
+
+def _resume_path(cfg: RunConfig) -> str | None:
+    resume = cfg.train.resume
+    if resume in (None, "", False):
+        return None
+    out = Path(cfg.train.output_dir)
+    if resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ConfigError(f"train.resume=latest: no checkpoint-<step> folder in {out}")
+        return last
+    if isinstance(resume, int) or str(resume).isdigit():
+        path = out / f"checkpoint-{int(resume)}"
+    else:
+        path = Path(str(resume))
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={resume}: {path} does not exist")
+    return str(path)
+
+
+def _datasets(cfg: RunConfig, model_dir: Path):
+    from ..data.cache import tokenize_cached
+    from ..data.encode import EncodeSettings
+
+    d = cfg.data
+    settings = EncodeSettings(max_source_length=d.max_source_length, max_target_length=d.max_target_length,
+                              max_length=d.max_length, train_on_prompt=d.train_on_prompt)
+    common = dict(settings=settings, cache_dir=d.cache_dir, fmt=d.format, columns=d.columns or None,
+                  skip_invalid=d.skip_invalid)
+    train, info = tokenize_cached(d.train_file, model_dir, **common)
+    reports = {"train": info}
+    evals = None
+    if d.eval_file:
+        evals, reports["eval"] = tokenize_cached(d.eval_file, model_dir, **common)
+    elif d.eval_ratio > 0:
+        split = train.train_test_split(test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed)
+        train, evals = split["train"], split["test"]
+    return train, evals, reports
+
+
+def _training_arguments(cfg: RunConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    eval_steps = t.eval_steps or t.save_steps
+    warmup = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        logging_dir=str(Path(t.output_dir) / "tensorboard"),
+        deepspeed=t.deepspeed,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        group_by_length=cfg.data.group_by_length,
+        length_column_name="length",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+
+
+def train(cfg: RunConfig, printer=print) -> dict:
+    """Run a fine-tuning job described by ``cfg``; returns the train summary (also written to JSON)."""
+    from ..loading import load_model, load_tokenizer
+    from .trainer import BestAndPlotCallback, GlmtuneTrainer, ProgressCallback, plot_losses
+
+    t0 = time.time()
+    # 1. What the machine and the model can do, before reading any weight.
+    check_device(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    spec = get_spec(cfg.model.generation) if cfg.model.generation else spec_for(model_path)
+    method = get_method(cfg.method.name)
+    if method.name == "ptuning_v2" and not spec.supports_ptuning:
+        raise ConfigError(f"method.name=ptuning_v2: P-Tuning v2 is not supported for {spec.name} models "
+                          f"({model_path}); use lora or full")
+    if cfg.data.packing and spec.name == "chatglm":
+        raise ConfigError("data.packing: ChatGLM-6B's 2D positions and prefix-LM attention cannot be packed")
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / CONFIG_NAME)
+
+    # 2. Tokenizer and data (tokenized once, cached on disk).
+    tokenizer = load_tokenizer(model_path, generation=spec.name, trust_remote_code=cfg.model.trust_remote_code)
+    data_dir = _tokenizer_dir(model_path)
+    train_set, eval_set, reports = _datasets(cfg, data_dir)
+    for split, info in reports.items():
+        printer(f"{split} data: {info.describe()}")
+
+    # 3. Model, then the method makes it trainable.
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    model = load_model(model_path, adapter=cfg.model.adapter, dtype=dtype, generation=spec.name,
+                       trust_remote_code=cfg.model.trust_remote_code, trainable_adapter=True,
+                       **method.load_kwargs(cfg.method))
+    if cfg.model.quantization in ("4bit", "8bit"):
+        model = quantize_linears(model, 4 if cfg.model.quantization == "4bit" else 8)
+    model = method.prepare(model, spec, cfg.method)
+    model.train()
+    if cfg.train.gradient_checkpointing:
+        model.config.use_cache = False
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    trainable, total = trainable_summary(model)
+    printer(f"model: {spec.name} ({type(model).__name__}), method {method.name}: "
+            f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)")
+
+    # 4. The run: the stock Trainer with glmtune's callbacks.
+    from ..data.collate import DataCollator, PackedCollator, pack_dataset
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.data.packing:
+        max_len = cfg.data.max_length or ((cfg.data.max_source_length or 0) + (cfg.data.max_target_length or 0)) or 1024
+        train_set = pack_dataset(train_set, max_len)
+        collator = PackedCollator(pad_id)
+    else:
+        collator = DataCollator(pad_id)
+    args = _training_arguments(cfg, eval_set is not None)
+    base_config = _official_base_config(model_path)
+    best = BestAndPlotCallback()
+
+    def save_extras(folder: Path) -> None:
+        save_config(cfg, folder / CONFIG_NAME)
+        if method.name == "full":
+            tokenizer.save_pretrained(str(folder))
+
+    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             data_collator=collator, callbacks=[ProgressCallback(printer), best],
+                             method=method, save_extras=save_extras)
+    trainer.base_official_config = base_config
+    best.trainer = trainer
+    resume = _resume_path(cfg)
+    if resume:
+        printer(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # 5. Final weights, plot and summary.
+    final = out / "final"
+    trainer.save_model(str(final))
+    plot_losses(trainer.state.log_history, out / "loss.png")
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    seconds = time.time() - t0
+    summary = {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": result.training_loss,
+        "final_train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "best_eval_loss": min(evals) if evals else None,
+        "last_eval_loss": evals[-1] if evals else None,
+        "train_seconds": result.metrics.get("train_runtime"),
+        "total_seconds": seconds,
+        "train_examples": len(train_set),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": (trainer.state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9),
+        "peak_memory_bytes": _peak_memory(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "method": method.name,
+        "generation": spec.name,
+        "output": str(final),
+    }
+    if trainer.args.should_save:
+        tmp = out / ".train_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, out / "train_summary.json")
+    printer(f"done: {summary['steps']} steps in {seconds:.0f} s, final weights in {final}")
+    return summary
+
+
+def _tokenizer_dir(model_path: Path) -> Path:
+    """The folder holding the tokenizer files (a GGUF model's converted folder)."""
+    from ..loading import gguf_as_hf_folder
+    from ..specs import find_gguf
+
+    gguf = find_gguf(model_path)
+    return gguf_as_hf_folder(gguf) if gguf is not None else model_path
+
+
+def _official_base_config(model_path: Path) -> dict | None:
+    cfg = model_path / "config.json"
+    return read_json(cfg) if cfg.exists() else None
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+

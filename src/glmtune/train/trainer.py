@@ -1,0 +1,227 @@
+"""glmtune's additions to the transformers ``Trainer`` (the run itself is the stock Trainer/accelerate).
+
+- checkpoints appear atomically: written under ``.staging/`` and renamed into ``checkpoint-<step>``;
+- the method decides what a checkpoint holds (peft adapter, official P-Tuning layout, full model) and
+  the resolved config and tokenizer are saved beside it;
+- a non-finite loss stops the run, naming the step, before anything is saved over the last good
+  checkpoint;
+- resuming a P-Tuning run reads the prefix back from the official layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..errors import GlmtuneError
+
+STAGING = ".staging"
+
+
+class TrainingDiverged(GlmtuneError):
+    """The training loss became NaN or infinite."""
+
+
+class GlmtuneTrainer(Trainer):
+    def __init__(self, *args, method, save_extras, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        # save_extras(out_dir): writes the resolved config, tokenizer and anything else a checkpoint needs.
+        self.save_extras = save_extras
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = _last_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"training loss is {loss.item()} at step {self.state.global_step + 1}; stopping. "
+                + (f"The last good checkpoint is {last}." if last else "No checkpoint was saved yet.")
+                + " Lower train.learning_rate or use train.precision=fp32/bf16."
+            )
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.method.save(self.accelerator.unwrap_model(self.model), out, getattr(self, "base_official_config", None))
+        self.save_extras(out)
+
+    def _save_checkpoint(self, model, trial):
+        real = self.args.output_dir
+        staging = Path(real) / STAGING
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = real
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            final = Path(real) / name
+            if final.exists():  # a re-run of the same step after a resume: replace it whole
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=real, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.parallel_mode.value == "distributed":
+            torch.distributed.barrier()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.method.name == "ptuning_v2":
+            from ..loading import _load_prefix
+
+            _load_prefix(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar and, every ``logging_steps``, the line users read:
+
+    ``step 900/1804 (49.9%) epoch 1 loss 0.7807 lr 2.9e-05 1.25 step/s 410 tok/s ETA 00:12:05``
+    """
+
+    def __init__(self, printer=print):
+        self.printer = printer
+        self.bar = None
+        self.t0 = self.last_t = None
+        self.last_step = 0
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                            leave=False, disable=not os.isatty(2))
+        self.t0 = self.last_t = time.time()
+        self.last_step = state.global_step
+        self.last_tokens = state.num_input_tokens_seen or 0
+        self.first_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        if "loss" in logs:
+            steps = state.global_step - self.last_step
+            dt = max(now - self.last_t, 1e-9)
+            tokens = (state.num_input_tokens_seen or 0) - self.last_tokens
+            done = state.global_step - self.first_step
+            rate = done / max(now - self.t0, 1e-9)
+            eta = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
+            line = (f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / state.max_steps:.1f}%) "
+                    f"epoch {math.ceil(state.epoch or 0)} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} "
+                    f"{steps / dt:.2f} step/s {tokens / dt:.0f} tok/s ETA {_fmt_time(eta) if rate > 0 else '--:--:--'}")
+            self.last_t, self.last_step, self.last_tokens = now, state.global_step, state.num_input_tokens_seen or 0
+            self._write(line)
+        if "eval_loss" in logs:
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+    def _write(self, line):
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            self.printer(line, flush=True)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class BestAndPlotCallback(TrainerCallback):
+    """Keeps ``best/`` (the weights with the lowest eval loss so far) and redraws ``loss.png``."""
+
+    def __init__(self):
+        self.trainer = None
+        self.best = math.inf
+
+    def on_train_begin(self, args, state, control, **kw):
+        summary = Path(args.output_dir) / "best" / "best.json"
+        if summary.exists():  # resumed run: keep the best loss found before the interruption
+            self.best = json.loads(summary.read_text())["eval_loss"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or not loss < self.best:
+            return
+        self.best = loss
+        if not state.is_world_process_zero:
+            return
+        out = Path(args.output_dir)
+        tmp = out / ".best-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer._save(str(tmp))
+        (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+        old = out / ".best-old"
+        if (out / "best").exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out / "best", old)
+        os.replace(tmp, out / "best")
+        shutil.rmtree(old, ignore_errors=True)
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            plot_losses(state.log_history, Path(args.output_dir) / "loss.png")
+
+
+def plot_losses(history: list[dict], out: Path, title: str = "glmtune training loss") -> Path | None:
+    """Train loss (raw and smoothed) and eval loss against the step; written atomically."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
+        smooth, ema = [], losses[0]
+        for v in losses:  # exponential moving average, the curve a reader follows
+            ema = 0.8 * ema + 0.2 * v
+            smooth.append(ema)
+        ax.plot(steps, smooth, color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
