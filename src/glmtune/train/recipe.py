@@ -26,14 +26,6 @@ from .methods import check_quantization, get_method, quantize_linears, trainable
 CONFIG_NAME = "glmtune_config.yaml"
 
 
-def resolve_model_path(path: str) -> Path:
-    if path == "default":
-        from ..cli import embedded_model_path
-
-        return embedded_model_path()
-    return Path(path)
-
-
 def check_device(cfg: RunConfig) -> None:
     """Refuse what the machine can't do before any weight is read."""
     cuda = torch.cuda.is_available()
@@ -117,12 +109,11 @@ def _training_arguments(cfg: RunConfig, has_eval: bool):
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=[r for r in t.report_to if r != "none"] or "none",
-        logging_dir=str(Path(t.output_dir) / "tensorboard"),
         deepspeed=t.deepspeed,
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        group_by_length=cfg.data.group_by_length,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -132,7 +123,7 @@ def _training_arguments(cfg: RunConfig, has_eval: bool):
 
 def train(cfg: RunConfig, printer=print) -> dict:
     """Run a fine-tuning job described by ``cfg``; returns the train summary (also written to JSON)."""
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer, resolve_model_path
     from .trainer import BestAndPlotCallback, GlmtuneTrainer, ProgressCallback, plot_losses
 
     t0 = time.time()
@@ -155,9 +146,17 @@ def train(cfg: RunConfig, printer=print) -> dict:
     data_dir = _tokenizer_dir(model_path)
     train_set, eval_set, reports = _datasets(cfg, data_dir)
     for split, info in reports.items():
-        printer(f"{split} data: {info.describe()}")
+        st = info.stats
+        printer(f"{split} data: {info.rows} examples ({'cached' if info.hit else 'tokenized'} in {info.seconds:.1f} s); "
+                f"{st.truncated} truncated ({st.tokens_removed} tokens removed), {st.dropped} dropped, "
+                f"{len(st.invalid)} invalid rows skipped")
 
     # 3. Model, then the method makes it trainable.
+    # Seed before the model is built: LoRA A matrices and a fresh P-Tuning prefix come from the global
+    # RNG (the Trainer seeds only later), so without this one config starts from different weights.
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model = load_model(model_path, adapter=cfg.model.adapter, dtype=dtype, generation=spec.name,
                        trust_remote_code=cfg.model.trust_remote_code, trainable_adapter=True,
@@ -175,15 +174,20 @@ def train(cfg: RunConfig, printer=print) -> dict:
             f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)")
 
     # 4. The run: the stock Trainer with glmtune's callbacks.
-    from ..data.collate import DataCollator, PackedCollator, pack_dataset
+    from datasets import Dataset
+
+    from ..data.collate import DataCollator, PackedCollator, pack_examples
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.data.packing:
-        max_len = cfg.data.max_length or ((cfg.data.max_source_length or 0) + (cfg.data.max_target_length or 0)) or 1024
-        train_set = pack_dataset(train_set, max_len)
-        collator = PackedCollator(pad_id)
+        if cfg.data.max_length is None:
+            raise ConfigError("data.packing needs data.max_length (the length of a packed row)")
+        train_set = Dataset.from_list(pack_examples(train_set, cfg.data.max_length, model=model))
+        collator = PackedCollator(pad_id, model=model)
     else:
         collator = DataCollator(pad_id)
+    # TensorBoard event files go to <output_dir>/tensorboard (transformers 5 takes the folder from the env).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     args = _training_arguments(cfg, eval_set is not None)
     base_config = _official_base_config(model_path)
     best = BestAndPlotCallback()
@@ -196,6 +200,9 @@ def train(cfg: RunConfig, printer=print) -> dict:
     trainer = GlmtuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                              data_collator=collator, callbacks=[ProgressCallback(printer), best],
                              method=method, save_extras=save_extras)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints the readable line instead
     trainer.base_official_config = base_config
     best.trainer = trainer
     resume = _resume_path(cfg)
@@ -206,7 +213,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
     # 5. Final weights, plot and summary.
     final = out / "final"
     trainer.save_model(str(final))
-    plot_losses(trainer.state.log_history, out / "loss.png")
+    if trainer.args.should_save:  # one writer: ranks share the temporary file name
+        plot_losses(trainer.state.log_history, out / "loss.png")
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     seconds = time.time() - t0
     summary = {

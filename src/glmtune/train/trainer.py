@@ -49,6 +49,10 @@ class GlmtuneTrainer(Trainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        # transformers 5 calls _save on every rank (its own _save returns early on non-writers): only
+        # the process that saves writes, or the ranks race on the same files.
+        if not self.args.should_save:
+            return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.method.save(self.accelerator.unwrap_model(self.model), out, getattr(self, "base_official_config", None))
@@ -57,14 +61,21 @@ class GlmtuneTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         real = self.args.output_dir
         staging = Path(real) / STAGING
+        distributed = self.args.parallel_mode.value == "distributed"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
+        # Every rank writes into the checkpoint (rng_state_<rank>.pth): only once the staging folder is
+        # fresh, and the rename waits until every rank's files are in.
+        if distributed:
+            torch.distributed.barrier()
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = real
+        if distributed:
+            torch.distributed.barrier()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             final = Path(real) / name
