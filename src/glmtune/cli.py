@@ -78,6 +78,9 @@ def cmd_chat(args) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        history, dropped = engine.fit_history(history, settings.max_new_tokens)
+        if dropped:
+            print(f"(history trimmed: {dropped} oldest messages dropped to fit the context)")
         print("assistant> ", end="", flush=True)
         reply = ""
         for piece in engine.stream(history, settings):
@@ -85,6 +88,42 @@ def cmd_chat(args) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import _flatten, run_eval
+
+    report = run_eval(args.target, args.data, adapter=args.adapter, compare_base=args.compare_base,
+                      out_dir=args.out, settings=_settings(args), batch_size=args.batch_size,
+                      num_samples=args.num_samples, n_examples=args.examples, fmt=args.format)
+    tuned = _flatten(report["tuned"])
+    base = _flatten(report["base"]) if "base" in report else None
+    for key, value in tuned.items():
+        line = f"{key:<45}{value:>12.4f}"
+        if base is not None and key in base:
+            line += f"{base[key]:>12.4f} (base){value - base[key]:>+12.4f}"
+        print(line)
+    print(f"report: {report['out_dir']}/report.json, report.md, predictions.jsonl")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .data import read_examples
+    from .evaluate import predict_file
+    from .inference import Engine
+
+    examples = read_examples(args.data, fmt=args.format, require_reply=False).examples
+    engine = _engine(args)
+    result = predict_file(engine, examples, Path(args.out), _settings(args), args.batch_size)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .metrics import score_predictions_file
+
+    print(json.dumps(score_predictions_file(args.predictions), indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -132,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="eval loss, ROUGE/BLEU and task metrics; --compare-base for before/after")
+    p.add_argument("target", help="run folder, run config YAML, or model folder ('default' = embedded model)")
+    p.add_argument("--data", required=True, help="evaluation data file (any supported format)")
+    p.add_argument("--format", default="auto", help="data format (default: detected)")
+    p.add_argument("--adapter", type=Path, help="adapter to evaluate (default: the run's final/)")
+    p.add_argument("--compare-base", action="store_true", help="also run the base model and report the delta")
+    p.add_argument("--out", type=Path, help="report folder (default: <run>/eval)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-samples", type=int, help="only the first N examples")
+    p.add_argument("--examples", type=int, default=5, help="example rows in the Markdown report")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="batch generation over a dataset into JSONL (resumable)")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--data", required=True, help="input data file (replies optional)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--out", required=True, help="output JSONL; rows already there are skipped")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score", help="metrics of an existing predictions JSONL ({predict, label} rows)")
+    p.add_argument("predictions", type=Path)
+    p.set_defaults(func=cmd_score)
 
     from .data.commands import register as register_data
 

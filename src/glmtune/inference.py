@@ -60,6 +60,28 @@ class Engine:
         return cls(model, tokenizer, get_spec(model.config.glmtune_generation))
 
     @property
+    def context_length(self) -> int:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "seq_length", "max_sequence_length"):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return 2048
+
+    def fit_history(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+        """Drop the oldest exchanges (never the system message or the last user turn) until the prompt
+        plus ``max_new_tokens`` fits the context; returns (messages, number of messages dropped)."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = messages[len(system):]
+        dropped = 0
+        budget = self.context_length - max_new_tokens
+        while len(rest) > 1 and len(self.template.encode_prompt(self.tokenizer, system + rest)) > budget:
+            # Remove one whole exchange: the first user message and everything up to the next one.
+            cut = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), len(rest) - 1)
+            rest = rest[cut:]
+            dropped += cut
+        return system + rest, dropped
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
