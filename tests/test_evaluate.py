@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import glmtune
 from glmtune import cli
 from glmtune.config import load_config
 from glmtune.data import read_examples

@@ -110,7 +110,6 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .data import read_examples
     from .evaluate import predict_file
-    from .inference import Engine
 
     examples = read_examples(args.data, fmt=args.format, require_reply=False).examples
     engine = _engine(args)
