@@ -38,8 +38,11 @@ def official_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.dense_h_to_4h.weight", (2 * f, h)),
             (p + "mlp.dense_4h_to_h.weight", (h, f)),
         ]
-    shapes += [("transformer.encoder.final_layernorm.weight", (h,)), ("transformer.output_layer.weight", (v, h)),
-               ("transformer.rotary_pos_emb.inv_freq", (32,))]
+    shapes += [
+        ("transformer.encoder.final_layernorm.weight", (h,)),
+        ("transformer.output_layer.weight", (v, h)),
+        ("transformer.rotary_pos_emb.inv_freq", (32,)),
+    ]
     return shapes
 
 
@@ -82,16 +85,32 @@ def write_checkpoint(out: Path, layers: int, shard_bytes: int = 2_000_000_000) -
         with safe_open(str(final), "pt") as sf:
             for k in sf.keys():
                 weight_map[k] = final.name
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     cfg = {
-        "_name_or_path": "chatglm3-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
-        "add_bias_linear": False, "add_qkv_bias": True, "apply_residual_connection_post_layernorm": False,
-        "ffn_hidden_size": FULL["ffn"], "hidden_size": FULL["hidden"], "kv_channels": FULL["kv"],
-        "layernorm_epsilon": 1e-5, "multi_query_attention": True, "multi_query_group_num": FULL["groups"],
-        "num_attention_heads": FULL["heads"], "num_layers": layers, "original_rope": True,
-        "padded_vocab_size": FULL["vocab"], "post_layer_norm": True, "rmsnorm": True, "seq_length": FULL["seq"],
-        "torch_dtype": "bfloat16", "eos_token_id": 2, "pad_token_id": 0,
+        "_name_or_path": "chatglm3-6b",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_residual_connection_post_layernorm": False,
+        "ffn_hidden_size": FULL["ffn"],
+        "hidden_size": FULL["hidden"],
+        "kv_channels": FULL["kv"],
+        "layernorm_epsilon": 1e-5,
+        "multi_query_attention": True,
+        "multi_query_group_num": FULL["groups"],
+        "num_attention_heads": FULL["heads"],
+        "num_layers": layers,
+        "original_rope": True,
+        "padded_vocab_size": FULL["vocab"],
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": FULL["seq"],
+        "torch_dtype": "bfloat16",
+        "eos_token_id": 2,
+        "pad_token_id": 0,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return total
@@ -130,8 +149,12 @@ def main() -> int:
         t = time.time()
         total = write_checkpoint(args.dir, args.layers)
         print(f"wrote {total / 2**30:.2f} GiB of bf16 weights to {args.dir} in {time.time() - t:.0f} s")
-    base = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(args.dir)], capture_output=True, text=True, check=True)
+    base = int(
+        subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(args.dir)], capture_output=True, text=True, check=True
+    )
     weights, peak, secs = out.stdout.split()
     weights, peak, secs = int(weights), int(peak), float(secs)
     print(f"weights in the loaded model : {weights / 2**30:.2f} GiB")

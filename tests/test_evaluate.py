@@ -32,21 +32,43 @@ def run(tmp_path_factory):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS * 3), encoding="utf-8")
     dev = root / "dev.jsonl"
     dev.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    cfg = load_config({
-        "model": {"path": str(model)},
-        "data": {"train_file": str(data), "max_length": 128, "cache_dir": str(root / "cache")},
-        "method": {"name": "lora", "lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
-        "train": {"output_dir": str(root / "run"), "max_steps": 4, "batch_size": 4, "learning_rate": 5e-2,
-                  "save_steps": 4, "logging_steps": 1, "report_to": []},
-    })
+    cfg = load_config(
+        {
+            "model": {"path": str(model)},
+            "data": {"train_file": str(data), "max_length": 128, "cache_dir": str(root / "cache")},
+            "method": {"name": "lora", "lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
+            "train": {
+                "output_dir": str(root / "run"),
+                "max_steps": 4,
+                "batch_size": 4,
+                "learning_rate": 5e-2,
+                "save_steps": 4,
+                "logging_steps": 1,
+                "report_to": [],
+            },
+        }
+    )
     train(cfg, printer=lambda *a, **k: None)
     return {"model": model, "run": root / "run", "dev": dev, "root": root}
 
 
 def test_eval_compare_base_writes_reports(run, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = cli.main(["eval", str(run["run"]), "--data", str(run["dev"]), "--compare-base", "--out", str(out),
-                     "--max-new-tokens", "6", "--batch-size", "2"])
+    code = cli.main(
+        [
+            "eval",
+            str(run["run"]),
+            "--data",
+            str(run["dev"]),
+            "--compare-base",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["examples"] == len(ROWS)
@@ -54,7 +76,8 @@ def test_eval_compare_base_writes_reports(run, tmp_path, capsys):
     for side in ("tuned", "base"):
         assert set(report[side]) >= {"rouge_bleu_chatglm3", "rouge_bleu_chatglm6b", "task", "loss"}
     assert report["delta"]["loss.eval_loss"] == pytest.approx(
-        report["tuned"]["loss"]["eval_loss"] - report["base"]["loss"]["eval_loss"])
+        report["tuned"]["loss"]["eval_loss"] - report["base"]["loss"]["eval_loss"]
+    )
     # Training on these very rows must lower their loss.
     assert report["tuned"]["loss"]["eval_loss"] < report["base"]["loss"]["eval_loss"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -116,16 +139,23 @@ def test_predict_cli_on_prompt_only_rows(run, tmp_path, capsys):
     data = tmp_path / "q.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "你好"}]}\n', encoding="utf-8")
     out = tmp_path / "o.jsonl"
-    assert cli.main(["predict", str(run["model"]), "--data", str(data), "--out", str(out),
-                     "--max-new-tokens", "3"]) == 0
+    assert (
+        cli.main(
+            ["predict", str(run["model"]), "--data", str(data), "--out", str(out), "--max-new-tokens", "3"]
+        )
+        == 0
+    )
     row = json.loads(out.read_text())
     assert row["label"] == "" and row["index"] == 0 and isinstance(row["predict"], str)
 
 
 def test_score_cli(tmp_path, capsys):
     path = tmp_path / "generated_predictions.txt"
-    path.write_text('{"predict": "[\\"水果\\"]", "label": "[\\"水果\\"]"}\n'
-                    '{"predict": "不是JSON", "label": "[\\"电脑\\"]"}\n', encoding="utf-8")
+    path.write_text(
+        '{"predict": "[\\"水果\\"]", "label": "[\\"水果\\"]"}\n'
+        '{"predict": "不是JSON", "label": "[\\"电脑\\"]"}\n',
+        encoding="utf-8",
+    )
     assert cli.main(["score", str(path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2
@@ -138,20 +168,30 @@ def test_chat_history_is_trimmed_to_the_context(run):
     engine.model.config.max_position_embeddings = 120
     history = [{"role": "system", "content": "你是助手。"}]
     for i in range(12):
-        history += [{"role": "user", "content": f"第{i}个问题：今天天气怎么样？"},
-                    {"role": "assistant", "content": "今天天气不错，我们去公园散步吧。"}]
+        history += [
+            {"role": "user", "content": f"第{i}个问题：今天天气怎么样？"},
+            {"role": "assistant", "content": "今天天气不错，我们去公园散步吧。"},
+        ]
     history.append({"role": "user", "content": "最后一个问题"})
     fitted, dropped = engine.fit_history(history, max_new_tokens=20)
     assert dropped > 0 and dropped % 2 == 0
-    assert fitted[0]["role"] == "system" and fitted[-1]["content"] == "最后一个问题" and fitted[1]["role"] == "user"
+    assert (
+        fitted[0]["role"] == "system"
+        and fitted[-1]["content"] == "最后一个问题"
+        and fitted[1]["role"] == "user"
+    )
     assert len(engine.template.encode_prompt(engine.tokenizer, fitted)) <= 100
-    assert fitted[1:] == history[1 + dropped:]
+    assert fitted[1:] == history[1 + dropped :]
 
 
 def test_chat_cli_streams_the_same_answer_as_generate(run, capsys):
     engine = Engine.from_path(run["model"])
-    expected = engine.generate([[{"role": "user", "content": "你好"}]], GenerationSettings(max_new_tokens=6))[0]
+    expected = engine.generate([[{"role": "user", "content": "你好"}]], GenerationSettings(max_new_tokens=6))[
+        0
+    ]
     assert cli.main(["chat", str(run["model"]), "--prompt", "你好", "--max-new-tokens", "6"]) == 0
-    streamed = "".join(engine.stream([{"role": "user", "content": "你好"}], GenerationSettings(max_new_tokens=6)))
+    streamed = "".join(
+        engine.stream([{"role": "user", "content": "你好"}], GenerationSettings(max_new_tokens=6))
+    )
     assert streamed.strip() == expected.text
     assert capsys.readouterr().out.strip() == expected.text

@@ -76,7 +76,9 @@ def test_greedy_full_recompute_and_kv_cache(chatglm3):
                 nxt = model(seq).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
         assert seq[0, ids.shape[1] :].tolist() == case["new_ids"]
-        gen = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen = model.generate(
+            ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         assert gen[0, ids.shape[1] :].tolist() == case["new_ids"]
 
 
@@ -86,8 +88,15 @@ def test_left_padded_generation_equals_single(chatglm3):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+    gen = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     for row, case in zip(gen, cases["greedy"]):
         assert row[width:].tolist() == case["new_ids"]
 
@@ -106,7 +115,9 @@ def test_ptuning_prefix_is_float32_and_cached_generation_matches_recompute(chatg
     model, cases, _ = chatglm3_ptuning
     assert model.prefix_encoder.embedding.weight.dtype == torch.float32
     ids = torch.tensor([cases["logits"]["singles"][2]["input_ids"]])
-    gen = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = model.generate(
+        ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     seq = ids
     for _ in range(6):
         with torch.no_grad():

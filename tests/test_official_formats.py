@@ -28,8 +28,13 @@ def tiny(tmp_path_factory):
         key = (generation, safe)
         if key not in built:
             # Small shards so the index + several shards path is exercised.
-            built[key] = make_tiny_model(root / f"{generation}-{int(safe)}", generation, safe=safe,
-                                         max_shard_bytes=60_000, seed=GENERATIONS.index(generation))
+            built[key] = make_tiny_model(
+                root / f"{generation}-{int(safe)}",
+                generation,
+                safe=safe,
+                max_shard_bytes=60_000,
+                seed=GENERATIONS.index(generation),
+            )
         return built[key]
 
     return get
@@ -59,7 +64,9 @@ def test_round_trip_same_logits(tiny, tmp_path, generation, safe):
     ids = torch.tensor([_ids(tok, generation)])
     with torch.no_grad():
         before = model(ids).logits
-    out = save_official(model, tmp_path / "copy", generation, safe=safe, max_shard_bytes=50_000, tokenizer=tok)
+    out = save_official(
+        model, tmp_path / "copy", generation, safe=safe, max_shard_bytes=50_000, tokenizer=tok
+    )
     assert any(f.suffix == (".safetensors" if safe else ".bin") for f in out.iterdir())
     again = glmtune.load_model(out)
     with torch.no_grad():
@@ -74,23 +81,38 @@ def test_kv_cache_generation_equals_full_recompute_and_padded_batch(tiny, genera
     path = tiny(generation)
     model, tok = glmtune.load_model(path), glmtune.load_tokenizer(path)
     template = glmtune.get_template(generation)
-    prompts = [template.encode_prompt(tok, [{"role": "user", "content": q}])
-               for q in ("你好", "请介绍一下机器学习和深度学习的关系。")]
+    prompts = [
+        template.encode_prompt(tok, [{"role": "user", "content": q}])
+        for q in ("你好", "请介绍一下机器学习和深度学习的关系。")
+    ]
     singles = []
     for p in prompts:
         seq = torch.tensor([p])
         for _ in range(6):
             with torch.no_grad():
                 seq = torch.cat([seq, model(seq).logits[0, -1].argmax().view(1, 1)], dim=1)
-        cached = model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                eos_token_id=None, pad_token_id=tok.pad_token_id)
+        cached = model.generate(
+            torch.tensor([p]),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        )
         assert cached.tolist() == seq.tolist()
-        singles.append(seq[0, len(p):].tolist())
+        singles.append(seq[0, len(p) :].tolist())
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                           eos_token_id=None, pad_token_id=tok.pad_token_id)
+    batch = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
     assert [row[width:].tolist() for row in batch] == singles
 
 
@@ -99,7 +121,8 @@ def test_labels_loss_matches_manual_cross_entropy(tiny, generation):
     path = tiny(generation)
     model, tok = glmtune.load_model(path), glmtune.load_tokenizer(path)
     ids, labels = glmtune.get_template(generation).encode_example(
-        tok, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！我是助手。"}])
+        tok, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！我是助手。"}]
+    )
     ids, labels = torch.tensor([ids]), torch.tensor([labels])
     with torch.no_grad():
         out = model(ids, labels=labels)
@@ -124,8 +147,11 @@ def test_python_files_in_the_folder_are_never_imported(tiny, tmp_path, generatio
 def test_unknown_architecture_needs_trust_remote_code(tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "my_secret_arch", "auto_map": {
-        "AutoModelForCausalLM": "modeling_x.MyModel"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"model_type": "my_secret_arch", "auto_map": {"AutoModelForCausalLM": "modeling_x.MyModel"}}
+        )
+    )
     (folder / "modeling_x.py").write_text("raise SystemExit('must not run')\n")
     with pytest.raises(ModelLoadError, match="trust-remote-code"):
         glmtune.load_model(folder)
@@ -153,7 +179,9 @@ def test_shape_mismatch_names_file_and_key(tiny, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["ffn_hidden_size"] = 80
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"model-0000\d-of-\d+\.safetensors: weight 'model\.layers\.0\.mlp"):
+    with pytest.raises(
+        ModelLoadError, match=r"model-0000\d-of-\d+\.safetensors: weight 'model\.layers\.0\.mlp"
+    ):
         glmtune.load_model(folder)
 
 
@@ -236,7 +264,10 @@ def test_official_fused_lora_adapter_gives_identical_outputs(tiny, tmp_path):
     """An adapter trained with peft on the remote-code ChatGLM3 (fused query_key_value) loads exactly."""
     base = tiny("chatglm3")
     cfg = json.loads((base / "config.json").read_text())
-    hidden, rows = cfg["hidden_size"], (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * cfg["kv_channels"]
+    hidden, rows = (
+        cfg["hidden_size"],
+        (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * cfg["kv_channels"],
+    )
     r, alpha = 4, 16
     gen = torch.Generator().manual_seed(7)
     adapter_state, merged_dir = {}, _copy(base, tmp_path)
@@ -254,9 +285,20 @@ def test_official_fused_lora_adapter_gives_identical_outputs(tiny, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     save_file(adapter_state, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.1,
-        "target_modules": ["query_key_value"], "bias": "none", "fan_in_fan_out": False}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.1,
+                "target_modules": ["query_key_value"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+            }
+        )
+    )
     ids = torch.tensor([_ids(glmtune.load_tokenizer(base), "chatglm3")])
     with torch.no_grad():
         with_adapter = glmtune.load_model(base, adapter=adapter)(ids).logits

@@ -172,7 +172,9 @@ def test_chatglm3_save_pretrained_round_trip(glm3, glm3_dir, glm3_expected, tmp_
     _check_encode_cases(reloaded, glm3_expected["encode"])
     for case in glm3_expected["build_single_message"]:
         assert reloaded.build_single_message(case["role"], case["metadata"], case["message"]) == case["ids"]
-    assert reloaded.encode("<|user|>", add_special_tokens=False) == glm3.encode("<|user|>", add_special_tokens=False)
+    assert reloaded.encode("<|user|>", add_special_tokens=False) == glm3.encode(
+        "<|user|>", add_special_tokens=False
+    )
 
 
 @pytest.mark.shared
@@ -243,7 +245,12 @@ def test_v1_sizes_and_token_ids(v1, v1_expected):
     for name, index in v1_expected["token_ids"].items():
         assert v1.convert_tokens_to_ids(name) == index, name
     assert v1.pad_token_id == v1_expected["pad_token_id"]
-    assert (v1.bos_token, v1.eos_token, v1.gmask_token, v1.mask_token) == ("<sop>", "<eop>", "[gMASK]", "[MASK]")
+    assert (v1.bos_token, v1.eos_token, v1.gmask_token, v1.mask_token) == (
+        "<sop>",
+        "<eop>",
+        "[gMASK]",
+        "[MASK]",
+    )
     assert v1.padding_side == "left"
 
 
@@ -276,7 +283,8 @@ def test_v1_left_padded_batch(v1, v1_dir):
 def test_v1_special_tokens_written_in_text(v1):
     # <sop> <eop> <unk> <pad> [MASK] are cut out with the whitespace around them (official under 4.30) ...
     assert v1.encode("你好 <sop> x", add_special_tokens=False) == (
-        v1.encode("你好", add_special_tokens=False) + [8] + v1.encode("x", add_special_tokens=False))
+        v1.encode("你好", add_special_tokens=False) + [8] + v1.encode("x", add_special_tokens=False)
+    )
     # ... other pieces of the model, like [gMASK] and <n>, are matched by sentencepiece in place.
     assert v1.tokenize("x [gMASK]y") == v1.sp_model.encode("x [gMASK]y", out_type=str)
 
@@ -300,7 +308,9 @@ def test_v1_save_pretrained_round_trip(v1, v1_expected, tmp_path):
     assert len(reloaded) == 1000 and reloaded.padding_side == "left"
     _check_encode_cases(reloaded, v1_expected["encode"])
     for case in v1_expected["build_inputs_with_special_tokens"]:
-        assert reloaded.build_inputs_with_special_tokens(case["prompt_ids"], case["target_ids"]) == case["ids"]
+        assert (
+            reloaded.build_inputs_with_special_tokens(case["prompt_ids"], case["target_ids"]) == case["ids"]
+        )
 
 
 @pytest.mark.shared
@@ -314,7 +324,10 @@ def test_v1_num_image_tokens_offsets_ids(v1_dir, v1_expected, tmp_path):
     for case in v1_expected["encode"]:
         assert tok.encode(case["text"]) == [i + 20000 for i in case["ids"]], case["name"]
         assert tok.convert_ids_to_tokens([i + 20000 for i in case["ids_no_special"]]) == case["pieces"]
-        assert tok.decode([i + 20000 for i in case["ids"]], skip_special_tokens=True) == case["decode_no_special"]
+        assert (
+            tok.decode([i + 20000 for i in case["ids"]], skip_special_tokens=True)
+            == case["decode_no_special"]
+        )
     for name, index in v1_expected["token_ids"].items():
         assert tok.convert_tokens_to_ids(name) == index + 20000, name
     assert tok.pad_token_id == 20003 and tok.gmask_token_id == 20005
@@ -346,7 +359,12 @@ def test_trained_spm_with_chatglm_tokenizer(tmp_path):
     assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<0x00>"]
     tok = ChatGLMTokenizer(model)
     assert len(tok) == n + 9
-    assert [tok.get_command(t) for t in ["[gMASK]", "sop", "<|user|>", "<|observation|>"]] == [n + 1, n + 3, n + 6, n + 8]
+    assert [tok.get_command(t) for t in ["[gMASK]", "sop", "<|user|>", "<|observation|>"]] == [
+        n + 1,
+        n + 3,
+        n + 6,
+        n + 8,
+    ]
     for text in ["你好 world", "unseen 😀 龘\n  x\ty", "", "<|user|>"]:
         assert tok.encode(text) == [n + 1, n + 3] + sp.encode(text), text
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text

@@ -15,7 +15,9 @@ import torch
 from .errors import ModelLoadError
 from .specs import ModelSpec, read_json
 
-_OFFICIAL_LAYER = re.compile(r"^(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(.+?)\.(lora_[AB])\.weight$")
+_OFFICIAL_LAYER = re.compile(
+    r"^(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(.+?)\.(lora_[AB])\.weight$"
+)
 _OFFICIAL_MODULE = {
     "self_attention.query_key_value": "self_attn.qkv",
     "self_attention.dense": "self_attn.o_proj",
@@ -37,7 +39,9 @@ def _is_official_fused(state: dict[str, torch.Tensor]) -> bool:
     return any(_OFFICIAL_LAYER.match(k) for k in state)
 
 
-def convert_official_lora(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[str]]:
+def convert_official_lora(
+    state: dict[str, torch.Tensor], config
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official ChatGLM2/3 LoRA keys -> native Glm keys; returns (state, native target module names)."""
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
@@ -57,7 +61,9 @@ def convert_official_lora(state: dict[str, torch.Tensor], config) -> tuple[dict[
             parts = (tensor, tensor, tensor)  # the three LoRAs share the down-projection A [r, hidden]
         else:
             if tensor.shape[0] != q_rows + 2 * kv_rows:
-                raise ModelLoadError(f"adapter weight {key!r}: {tensor.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
+                raise ModelLoadError(
+                    f"adapter weight {key!r}: {tensor.shape[0]} rows, expected {q_rows + 2 * kv_rows}"
+                )
             parts = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
         for proj, t in zip(("q_proj", "k_proj", "v_proj"), parts):
             out[f"{base}self_attn.{proj}.{ab}.weight"] = t.contiguous().clone()
@@ -70,8 +76,12 @@ def apply_lora(model, adapter: Path, spec: ModelSpec, is_trainable: bool = False
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
     state = read_adapter_state(adapter)
-    if not (_is_official_fused(state) and spec.official_lora_targets and hasattr(model.config, "head_dim")
-            and hasattr(model, "model")):
+    if not (
+        _is_official_fused(state)
+        and spec.official_lora_targets
+        and hasattr(model.config, "head_dim")
+        and hasattr(model, "model")
+    ):
         try:
             return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
         except (ValueError, KeyError, RuntimeError) as e:

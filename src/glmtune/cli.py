@@ -23,11 +23,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=_model_arg, help="model folder or .gguf file ('default' = embedded SmolLM2)")
-    p.add_argument("--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder")
+    p.add_argument(
+        "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow running Python code shipped in the model folder (off by default)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped in the model folder (off by default)",
+    )
 
 
 def _engine(args):
@@ -35,14 +40,21 @@ def _engine(args):
 
     from .inference import Engine
 
-    return Engine.from_path(args.model, adapter=args.adapter, dtype=getattr(torch, args.dtype),
-                            device=args.device, trust_remote_code=args.trust_remote_code)
+    return Engine.from_path(
+        args.model,
+        adapter=args.adapter,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _settings(args):
     from .inference import GenerationSettings
 
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+    )
 
 
 def cmd_info(args) -> int:
@@ -93,9 +105,18 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import _flatten, run_eval
 
-    report = run_eval(args.target, args.data, adapter=args.adapter, compare_base=args.compare_base,
-                      out_dir=args.out, settings=_settings(args), batch_size=args.batch_size,
-                      num_samples=args.num_samples, n_examples=args.examples, fmt=args.format)
+    report = run_eval(
+        args.target,
+        args.data,
+        adapter=args.adapter,
+        compare_base=args.compare_base,
+        out_dir=args.out,
+        settings=_settings(args),
+        batch_size=args.batch_size,
+        num_samples=args.num_samples,
+        n_examples=args.examples,
+        fmt=args.format,
+    )
     tuned = _flatten(report["tuned"])
     base = _flatten(report["base"]) if "base" in report else None
     for key, value in tuned.items():
@@ -162,13 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("train", help="fine-tune from a YAML config: glmtune train CONFIG.yaml [key.sub=value ...]",
-                       description="Fine-tune from a YAML config with dotted overrides, e.g. "
-                       "glmtune train configs/chatglm3/lora.yaml train.learning_rate=1e-4 train.resume=latest. "
-                       "Multi-GPU: accelerate launch --config_file configs/accelerate/ddp.yaml -m glmtune.cli train ...")
-    p.add_argument("config", nargs="?", help="YAML config file (or a checkpoint folder holding glmtune_config.yaml)")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune from a YAML config: glmtune train CONFIG.yaml [key.sub=value ...]",
+        description="Fine-tune from a YAML config with dotted overrides, e.g. "
+        "glmtune train configs/chatglm3/lora.yaml train.learning_rate=1e-4 train.resume=latest. "
+        "Multi-GPU: accelerate launch --config_file configs/accelerate/ddp.yaml -m glmtune.cli train ...",
+    )
+    p.add_argument(
+        "config", nargs="?", help="YAML config file (or a checkpoint folder holding glmtune_config.yaml)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
+    p.add_argument(
+        "--help-config", action="store_true", help="list every config key with its type, default and help"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="eval loss, ROUGE/BLEU and task metrics; --compare-base for before/after")

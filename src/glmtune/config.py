@@ -299,7 +299,8 @@ class DataConfig:
         False, help="Batch examples of similar length together (less padding; the order is less random)."
     )
     cache_dir: str | None = _opt(
-        None, help="Folder for the tokenized dataset cache; null = no cache, tokenize on every run."
+        None,
+        help="Folder for the tokenized dataset cache; null = $GLMTUNE_CACHE/datasets or ~/.cache/glmtune/datasets.",
     )
     eval_ratio: float = _opt(
         0.0,

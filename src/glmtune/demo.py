@@ -27,7 +27,9 @@ def default_demo_config() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def run_demo(config: str | os.PathLike | None = None, overrides=(), printer=print, batch_size: int = 12) -> dict:
+def run_demo(
+    config: str | os.PathLike | None = None, overrides=(), printer=print, batch_size: int = 12
+) -> dict:
     from .train import train
 
     t0 = time.time()
@@ -36,8 +38,9 @@ def run_demo(config: str | os.PathLike | None = None, overrides=(), printer=prin
     dev = read_examples(cfg.data.eval_file, fmt=cfg.data.format).examples
     if cfg.eval.num_samples:
         dev = dev[: cfg.eval.num_samples]
-    settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                                  top_p=cfg.eval.top_p)
+    settings = GenerationSettings(
+        max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p
+    )
 
     printer(f"[1/3] scoring the base model {model_path.name} on {len(dev)} held-out examples")
     base = Engine.from_path(model_path)
@@ -54,13 +57,22 @@ def run_demo(config: str | os.PathLike | None = None, overrides=(), printer=prin
     printer("      " + _fmt(after))
 
     out = Path(cfg.train.output_dir)
-    rows = [{"prompt": p[-1]["content"], "label": ref, "base": b, "tuned": a}
-            for p, ref, b, a in zip(before_pred.prompts, before_pred.references, before_pred.outputs,
-                                    after_pred.outputs)]
+    rows = [
+        {"prompt": p[-1]["content"], "label": ref, "base": b, "tuned": a}
+        for p, ref, b, a in zip(
+            before_pred.prompts, before_pred.references, before_pred.outputs, after_pred.outputs
+        )
+    ]
     write_jsonl_atomic(out / "demo_predictions.jsonl", rows)
-    report = {"model": str(model_path), "examples": len(dev), "before": before, "after": after,
-              "delta": {k: after[k] - before[k] for k in HEADLINE if k in before and k in after},
-              "train": summary, "seconds": time.time() - t0}
+    report = {
+        "model": str(model_path),
+        "examples": len(dev),
+        "before": before,
+        "after": after,
+        "delta": {k: after[k] - before[k] for k in HEADLINE if k in before and k in after},
+        "train": summary,
+        "seconds": time.time() - t0,
+    }
     tmp = out / ".demo_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, out / "demo_report.json")
@@ -71,12 +83,16 @@ def run_demo(config: str | os.PathLike | None = None, overrides=(), printer=prin
         printer(f"{k:<24}{before[k]:>10.3f}{after[k]:>10.3f}{after[k] - before[k]:>+10.3f}")
     printer("")
     for row in rows[:3]:
-        printer(f"input : {row['prompt'].splitlines()[-2] if len(row['prompt'].splitlines()) > 1 else row['prompt']}")
+        printer(
+            f"input : {row['prompt'].splitlines()[-2] if len(row['prompt'].splitlines()) > 1 else row['prompt']}"
+        )
         printer(f"label : {row['label']}")
         printer(f"before: {row['base']}")
         printer(f"after : {row['tuned']}\n")
-    printer(f"report: {out / 'demo_report.json'}, predictions: {out / 'demo_predictions.jsonl'}, "
-            f"loss curve: {out / 'loss.png'}; total {report['seconds']:.0f} s")
+    printer(
+        f"report: {out / 'demo_report.json'}, predictions: {out / 'demo_predictions.jsonl'}, "
+        f"loss curve: {out / 'loss.png'}; total {report['seconds']:.0f} s"
+    )
     return report
 
 

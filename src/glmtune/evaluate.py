@@ -49,8 +49,13 @@ def _batches(order: list[int], size: int, progress: bool, desc: str):
         yield order[s : s + size]
 
 
-def predict(engine: Engine, prompts: list[list[dict]], settings: GenerationSettings, batch_size: int = 8,
-            progress: bool = False) -> list[str]:
+def predict(
+    engine: Engine,
+    prompts: list[list[dict]],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
     """Replies for every prompt, in input order, ``batch_size`` at a time (left padding, KV cache).
 
     Prompts are grouped by length so a batch pads little; results are put back in input order.
@@ -69,7 +74,9 @@ def eval_loss(engine: Engine, examples, batch_size: int = 8, max_length: int | N
     from .data.collate import DataCollator
     from .data.encode import EncodeSettings, encode_all
 
-    encoded, _ = encode_all(engine.tokenizer, engine.template, list(examples), EncodeSettings(max_length=max_length))
+    encoded, _ = encode_all(
+        engine.tokenizer, engine.template, list(examples), EncodeSettings(max_length=max_length)
+    )
     collate = DataCollator(engine.pad_id)
     total, count = 0.0, 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -78,8 +85,9 @@ def eval_loss(engine: Engine, examples, batch_size: int = 8, max_length: int | N
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
         total += loss.item()
         count += int((labels != -100).sum())
     mean = total / max(count, 1)
@@ -94,16 +102,23 @@ def generation_metrics(outputs: Sequence[str], references: Sequence[str], task: 
     }
 
 
-def evaluate(engine: Engine, examples, settings: GenerationSettings, batch_size: int = 8,
-             task: str = "auto") -> tuple[dict, Predictions]:
+def evaluate(
+    engine: Engine, examples, settings: GenerationSettings, batch_size: int = 8, task: str = "auto"
+) -> tuple[dict, Predictions]:
     """Task metrics of greedy (or sampled) replies, and the predictions themselves."""
     prompts, refs = split_examples(examples)
     outputs = predict(engine, prompts, settings, batch_size)
     return task_metrics(outputs, refs, task=task), Predictions(prompts, refs, outputs)
 
 
-def full_report(engine: Engine, examples, settings: GenerationSettings, batch_size: int = 8, task: str = "auto",
-                with_loss: bool = True) -> tuple[dict, Predictions]:
+def full_report(
+    engine: Engine,
+    examples,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    task: str = "auto",
+    with_loss: bool = True,
+) -> tuple[dict, Predictions]:
     """Eval loss + ROUGE/BLEU (both official definitions) + task metrics, with the predictions."""
     prompts, refs = split_examples(examples)
     outputs = predict(engine, prompts, settings, batch_size, progress=True)
@@ -134,9 +149,15 @@ def markdown_report(title: str, tuned: dict, base: dict | None, rows: list[dict]
                 lines.append(f"| {k} | {b[k]:.4f} | {t[k]:.4f} | {t[k] - b[k]:+.4f} |")
     else:
         lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in t.items()]
-    lines += ["", "BLEU-4 and ROUGE are ×100. `rouge_bleu_chatglm3`: ChatGLM3 definition (BLEU on jieba words); "
-              "`rouge_bleu_chatglm6b`: ChatGLM-6B/2 definition (BLEU on characters). ROUGE is on jieba words "
-              "in both.", "", "## Examples", ""]
+    lines += [
+        "",
+        "BLEU-4 and ROUGE are ×100. `rouge_bleu_chatglm3`: ChatGLM3 definition (BLEU on jieba words); "
+        "`rouge_bleu_chatglm6b`: ChatGLM-6B/2 definition (BLEU on characters). ROUGE is on jieba words "
+        "in both.",
+        "",
+        "## Examples",
+        "",
+    ]
 
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", "<br>")
@@ -188,8 +209,14 @@ class PredictionWriter:
         self.file.close()
 
 
-def predict_file(engine: Engine, examples, out: Path, settings: GenerationSettings, batch_size: int = 8,
-                 progress: bool = True) -> dict:
+def predict_file(
+    engine: Engine,
+    examples,
+    out: Path,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """``glmtune predict``: generate for every example, resumable, rows in input order at the end."""
     prompts, refs = split_examples(examples)
     writer = PredictionWriter(out)
@@ -199,8 +226,18 @@ def predict_file(engine: Engine, examples, out: Path, settings: GenerationSettin
     try:
         for idx in _batches(order, batch_size, progress, "predict"):
             completions = engine.generate([prompts[i] for i in idx], settings)
-            writer.write([{"index": i, "prompt": prompts[i][-1]["content"], "label": refs[i],
-                           "predict": c.text, "finish_reason": c.finish_reason} for i, c in zip(idx, completions)])
+            writer.write(
+                [
+                    {
+                        "index": i,
+                        "prompt": prompts[i][-1]["content"],
+                        "label": refs[i],
+                        "predict": c.text,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for i, c in zip(idx, completions)
+                ]
+            )
     finally:
         writer.close()
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -236,9 +273,20 @@ def resolve_target(target: str | os.PathLike, adapter: str | os.PathLike | None 
     return {"model": model, "adapter": adapter, "generation": cfg.model.generation, "config": cfg}
 
 
-def run_eval(target, data: str | os.PathLike, *, adapter=None, compare_base: bool = False, out_dir=None,
-             settings: GenerationSettings | None = None, batch_size: int = 8, num_samples: int | None = None,
-             n_examples: int = 5, fmt: str = "auto", printer=print) -> dict:
+def run_eval(
+    target,
+    data: str | os.PathLike,
+    *,
+    adapter=None,
+    compare_base: bool = False,
+    out_dir=None,
+    settings: GenerationSettings | None = None,
+    batch_size: int = 8,
+    num_samples: int | None = None,
+    n_examples: int = 5,
+    fmt: str = "auto",
+    printer=print,
+) -> dict:
     """``glmtune eval``: reports (JSON, Markdown) and predictions for a model, optionally vs its base."""
     from .data import read_examples, write_jsonl_atomic
 
@@ -248,8 +296,11 @@ def run_eval(target, data: str | os.PathLike, *, adapter=None, compare_base: boo
     if num_samples:
         examples = examples[:num_samples]
     engine = Engine.from_path(what["model"], adapter=what["adapter"])
-    printer(f"evaluating {what['model']}" + (f" + {what['adapter']}" if what["adapter"] else "")
-            + f" on {len(examples)} examples of {data}")
+    printer(
+        f"evaluating {what['model']}"
+        + (f" + {what['adapter']}" if what["adapter"] else "")
+        + f" on {len(examples)} examples of {data}"
+    )
     tuned, preds = full_report(engine, examples, settings, batch_size)
     base = base_preds = None
     if compare_base:
@@ -268,8 +319,13 @@ def run_eval(target, data: str | os.PathLike, *, adapter=None, compare_base: boo
         if base_preds is not None:
             row["base"] = base_preds.outputs[i]
         rows.append(row)
-    report = {"model": str(what["model"]), "adapter": str(what["adapter"]) if what["adapter"] else None,
-              "data": str(data), "examples": len(examples), "tuned": tuned}
+    report = {
+        "model": str(what["model"]),
+        "adapter": str(what["adapter"]) if what["adapter"] else None,
+        "data": str(data),
+        "examples": len(examples),
+        "tuned": tuned,
+    }
     if base is not None:
         report["base"] = base
         t, b = _flatten(tuned), _flatten(base)
@@ -277,8 +333,9 @@ def run_eval(target, data: str | os.PathLike, *, adapter=None, compare_base: boo
     out = Path(out_dir or (Path(what["adapter"]).parent / "eval" if what["adapter"] else Path("eval")))
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    write_text_atomic(out / "report.md", markdown_report(f"glmtune eval: {Path(data).name}", tuned, base, rows,
-                                                         n_examples))
+    write_text_atomic(
+        out / "report.md", markdown_report(f"glmtune eval: {Path(data).name}", tuned, base, rows, n_examples)
+    )
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     report["out_dir"] = str(out)
     return report

@@ -27,10 +27,18 @@ class GenerationSettings:
 
     def to_kwargs(self) -> dict:
         if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
-                    "repetition_penalty": self.repetition_penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+            return {
+                "do_sample": False,
+                "max_new_tokens": self.max_new_tokens,
+                "repetition_penalty": self.repetition_penalty,
+            }
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
 
 
 @dataclass
@@ -53,9 +61,18 @@ class Engine:
         self.lock = threading.Lock()
 
     @classmethod
-    def from_path(cls, path: str | Path, *, adapter=None, dtype=torch.float32, device="cpu",
-                  trust_remote_code: bool = False) -> Engine:
-        model = load_model(path, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    def from_path(
+        cls,
+        path: str | Path,
+        *,
+        adapter=None,
+        dtype=torch.float32,
+        device="cpu",
+        trust_remote_code: bool = False,
+    ) -> Engine:
+        model = load_model(
+            path, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, get_spec(model.config.glmtune_generation))
 
@@ -71,7 +88,7 @@ class Engine:
         """Drop the oldest exchanges (never the system message or the last user turn) until the prompt
         plus ``max_new_tokens`` fits the context; returns (messages, number of messages dropped)."""
         system = [m for m in messages[:1] if m["role"] == "system"]
-        rest = messages[len(system):]
+        rest = messages[len(system) :]
         dropped = 0
         budget = self.context_length - max_new_tokens
         while len(rest) > 1 and len(self.template.encode_prompt(self.tokenizer, system + rest)) > budget:
@@ -104,16 +121,25 @@ class Engine:
         return self.template.clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     @torch.no_grad()
-    def generate(self, conversations: list[list[dict]], settings: GenerationSettings | None = None,
-                 seed: int | None = None) -> list[Completion]:
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        settings: GenerationSettings | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
         settings = settings or GenerationSettings()
         prompts = [self.template.encode_prompt(self.tokenizer, msgs) for msgs in conversations]
         ids, mask = self._batch(prompts)
         with self.lock:
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=self.stop_ids,
-                                      pad_token_id=self.pad_id, **settings.to_kwargs())
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **settings.to_kwargs(),
+            )
         results = []
         for prompt, row in zip(prompts, out[:, ids.shape[1] :].tolist()):
             new, reason = self._finish(row, settings.max_new_tokens)
@@ -133,8 +159,14 @@ class Engine:
         def run():
             try:
                 with self.lock, torch.no_grad():
-                    self.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=self.stop_ids,
-                                        pad_token_id=self.pad_id, streamer=streamer, **settings.to_kwargs())
+                    self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        eos_token_id=self.stop_ids,
+                        pad_token_id=self.pad_id,
+                        streamer=streamer,
+                        **settings.to_kwargs(),
+                    )
             except BaseException as e:  # re-raised in the consumer's thread below
                 error.append(e)
                 streamer.end()

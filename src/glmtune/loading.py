@@ -38,7 +38,9 @@ def check_folder(path: Path) -> None:
         if entry.is_symlink():
             target = entry.resolve()
             if root not in target.parents and target != root:
-                raise ModelLoadError(f"{entry}: symbolic link points outside the model folder (to {target}); refused")
+                raise ModelLoadError(
+                    f"{entry}: symbolic link points outside the model folder (to {target}); refused"
+                )
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -140,7 +142,9 @@ def stream_into(
     return loaded
 
 
-def _check_missing(model: nn.Module, path: Path, allowed_missing: Callable[[str], bool] = lambda n: False) -> None:
+def _check_missing(
+    model: nn.Module, path: Path, allowed_missing: Callable[[str], bool] = lambda n: False
+) -> None:
     missing = [n for n, p in model.named_parameters() if p.is_meta and not allowed_missing(n)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -162,7 +166,7 @@ def _tie_if_needed(model: nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------- adapters
 def adapter_kind(adapter: Path) -> str:
-    """"lora" for a peft folder, "ptuning" for an official P-Tuning v2 checkpoint folder."""
+    """ "lora" for a peft folder, "ptuning" for an official P-Tuning v2 checkpoint folder."""
     if (adapter / "adapter_config.json").exists():
         return "lora"
     if (adapter / "config.json").exists() and read_json(adapter / "config.json").get("pre_seq_len"):
@@ -204,7 +208,9 @@ def _load_prefix(model: nn.Module, adapter: Path) -> None:
     for file in weight_files(adapter):
         for key, tensor in iter_tensors(file):
             if not key.startswith("transformer.prefix_encoder."):
-                raise ModelLoadError(f"{file}: {key!r} is not a prefix-encoder weight (transformer.prefix_encoder.*)")
+                raise ModelLoadError(
+                    f"{file}: {key!r} is not a prefix-encoder weight (transformer.prefix_encoder.*)"
+                )
             state[key[len("transformer.prefix_encoder.") :]] = tensor.float()
     expected = dict(target.named_parameters())
     for k, v in state.items():
@@ -252,7 +258,9 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
 def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
     from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 
-    config = ChatGLMv1Config.from_official(cfg) if cfg.get("model_type") == "chatglm" else ChatGLMv1Config(**cfg)
+    config = (
+        ChatGLMv1Config.from_official(cfg) if cfg.get("model_type") == "chatglm" else ChatGLMv1Config(**cfg)
+    )
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
     model = _empty_model(ChatGLMv1ForCausalLM, config)
@@ -263,9 +271,11 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
         lambda k, t: [(k, t)],
         dtype,
         # inv_freq is recomputed (the original ignores the stored copy); a tied lm_head is the embedding.
-        skip=lambda k: k.endswith("rotary_emb.inv_freq")
-        or k.startswith("transformer.prefix_encoder.")
-        or (tied and k == "lm_head.weight"),
+        skip=lambda k: (
+            k.endswith("rotary_emb.inv_freq")
+            or k.startswith("transformer.prefix_encoder.")
+            or (tied and k == "lm_head.weight")
+        ),
     )
     _tie_if_needed(model)
     _check_missing(model, path, allowed_missing=lambda n: ".prefix_encoder." in n)
@@ -312,7 +322,9 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # The tensors are already de-quantized to float32; drop the GGUF "quantizer" marker so the
         # result saves (and later loads) as a plain float model.
         model.hf_quantizer = None
@@ -394,7 +406,9 @@ def load_model(
         model = _load_glm_official(path, cfg, dtype, ptuning)
     else:
         if ptuning:
-            raise ModelLoadError(f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only")
+            raise ModelLoadError(
+                f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only"
+            )
         model = _load_hf(path, dtype, trust_remote_code)
     if kind == "ptuning":
         _load_prefix(model, adapter)
@@ -411,7 +425,9 @@ def load_model(
 
 
 # ------------------------------------------------------------------------------------- tokenizers
-def load_tokenizer(path: str | os.PathLike, *, generation: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str | os.PathLike, *, generation: str | None = None, trust_remote_code: bool = False
+):
     """A transformers tokenizer for the model folder, never importing the folder's Python files."""
     path = Path(path)
     spec: ModelSpec = get_spec(generation) if generation else spec_for(path)
@@ -432,8 +448,9 @@ def load_tokenizer(path: str | os.PathLike, *, generation: str | None = None, tr
                 # A remote-code tokenizer class with a tokenizer.json beside it: use the json directly.
                 from transformers import PreTrainedTokenizerFast
 
-                return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
-                                               **_special_tokens(read_json(tok_cfg)))
+                return PreTrainedTokenizerFast(
+                    tokenizer_file=str(path / "tokenizer.json"), **_special_tokens(read_json(tok_cfg))
+                )
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {e}") from None

@@ -39,7 +39,10 @@ def _shards(items: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterat
 
 
 def write_state_dict(
-    items: Iterator[tuple[str, torch.Tensor]], out_dir: Path, safe: bool = True, max_shard_bytes: int = 2 << 30
+    items: Iterator[tuple[str, torch.Tensor]],
+    out_dir: Path,
+    safe: bool = True,
+    max_shard_bytes: int = 2 << 30,
 ) -> list[str]:
     """Write tensors as one file or shards + index (transformers' names); returns the file names."""
     from safetensors.torch import save_file
@@ -67,8 +70,15 @@ def write_state_dict(
     return names
 
 
-def save_official(model, out_dir: str | os.PathLike, generation: str, *, safe: bool = True,
-                  max_shard_bytes: int = 2 << 30, tokenizer=None) -> Path:
+def save_official(
+    model,
+    out_dir: str | os.PathLike,
+    generation: str,
+    *,
+    safe: bool = True,
+    max_shard_bytes: int = 2 << 30,
+    tokenizer=None,
+) -> Path:
     """Save a glmtune model in the official ChatGLM format of ``generation``, atomically.
 
     The folder is written under a temporary name beside ``out_dir`` and renamed into place.

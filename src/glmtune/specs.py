@@ -40,8 +40,12 @@ class ModelSpec:
     loader: str = "hf"
 
 
-_GLM_NATIVE_QKV = {"query_key_value": ("q_proj", "k_proj", "v_proj"), "dense": ("o_proj",),
-                   "dense_h_to_4h": ("gate_up_proj",), "dense_4h_to_h": ("down_proj",)}
+_GLM_NATIVE_QKV = {
+    "query_key_value": ("q_proj", "k_proj", "v_proj"),
+    "dense": ("o_proj",),
+    "dense_h_to_4h": ("gate_up_proj",),
+    "dense_4h_to_h": ("down_proj",),
+}
 
 REGISTRY: dict[str, ModelSpec] = {
     "chatglm": ModelSpec(
@@ -125,7 +129,9 @@ def find_gguf(path: Path) -> Path | None:
         if len(files) == 1:
             return files[0]
         if len(files) > 1:
-            raise ModelLoadError(f"{path}: several .gguf files ({', '.join(f.name for f in files)}); name one")
+            raise ModelLoadError(
+                f"{path}: several .gguf files ({', '.join(f.name for f in files)}); name one"
+            )
     return None
 
 
@@ -155,10 +161,15 @@ def detect_generation(path: str | Path) -> str:
     if "position_encoding_2d" in cfg or "inner_hidden_size" in cfg:
         return "chatglm"
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-    if tok_cfg.get("tokenizer_class") == "ChatGLM4Tokenizer" or int(cfg.get("padded_vocab_size", 0)) >= 150000:
+    if (
+        tok_cfg.get("tokenizer_class") == "ChatGLM4Tokenizer"
+        or int(cfg.get("padded_vocab_size", 0)) >= 150000
+    ):
         return "glm4"
     names = " ".join(
-        str(x).lower() for x in (cfg.get("_name_or_path"), tok_cfg.get("name_or_path"), path.resolve().name) if x
+        str(x).lower()
+        for x in (cfg.get("_name_or_path"), tok_cfg.get("name_or_path"), path.resolve().name)
+        if x
     )
     if "chatglm2" in names:
         return "chatglm2"

@@ -65,7 +65,9 @@ def _rounds(messages: list[dict]) -> tuple[str, list[tuple[str, str]], str]:
             history.append((pending, m["content"]))
             pending = None
         else:
-            raise ValueError(f"role {m['role']!r} is not supported by the [Round i] (ChatGLM-6B/ChatGLM2) format")
+            raise ValueError(
+                f"role {m['role']!r} is not supported by the [Round i] (ChatGLM-6B/ChatGLM2) format"
+            )
     if pending is None:
         raise ValueError("the prompt must end with a user message")
     query = pending
@@ -273,7 +275,9 @@ class HFChatTemplate(Template):
             before = self._render(tokenizer, messages[:i], True)
             upto = self._render(tokenizer, messages[: i + 1], False)
             if not full.startswith(upto) or not upto.startswith(before):
-                raise ValueError("the chat template does not render conversations incrementally; cannot place the loss")
+                raise ValueError(
+                    "the chat template does not render conversations incrementally; cannot place the loss"
+                )
             spans.append((len(before), len(upto)))
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]

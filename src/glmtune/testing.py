@@ -27,19 +27,54 @@ CORPUS = [
     "水果 蔬菜 电脑 手机 衣服 书籍 酒店 旅游 音乐 电影 体育 新闻 教育 汽车",
 ]
 
-GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                 "<|assistant|>", "<|observation|>"]
+GLM4_SPECIALS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
 
 
-def _glm_config(vocab_size: int, *, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96,
-                rope_ratio=1.0, eos=2, pad=0):
+def _glm_config(
+    vocab_size: int,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    ffn=96,
+    rope_ratio=1.0,
+    eos=2,
+    pad=0,
+):
     from transformers import GlmConfig
 
     return GlmConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True, pad_token_id=pad, eos_token_id=eos,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * rope_ratio, "partial_rotary_factor": 0.5},
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0 * rope_ratio,
+            "partial_rotary_factor": 0.5,
+        },
     )
 
 
@@ -62,11 +97,13 @@ def _glm4_tokenizer(out_dir: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=GLM4_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=GLM4_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   padding_side="left")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left"
+    )
     return fast
 
 
@@ -77,8 +114,15 @@ def _mark_glm4_tokenizer_config(out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
 
 
-def make_tiny_model(out_dir: str | os.PathLike, generation: str = "chatglm3", *, seed: int = 0,
-                    safe: bool = True, max_shard_bytes: int = 2 << 30, **sizes) -> Path:
+def make_tiny_model(
+    out_dir: str | os.PathLike,
+    generation: str = "chatglm3",
+    *,
+    seed: int = 0,
+    safe: bool = True,
+    max_shard_bytes: int = 2 << 30,
+    **sizes,
+) -> Path:
     """Write a tiny random model of ``generation`` in its official format into ``out_dir``."""
     from .official_format import save_official
     from .tokenization.testing import train_tiny_spm, train_tiny_spm_v1
@@ -93,11 +137,19 @@ def make_tiny_model(out_dir: str | os.PathLike, generation: str = "chatglm3", *,
 
         spm = train_tiny_spm_v1(work / "ice_text.model", CORPUS, sizes.pop("spm_vocab", 600))
         tokenizer = ChatGLMv1Tokenizer(str(spm), num_image_tokens=0)
-        cfg = ChatGLMv1Config(vocab_size=640, hidden_size=sizes.get("hidden", 64), num_layers=sizes.get("layers", 2),
-                              num_attention_heads=sizes.get("heads", 4), inner_hidden_size=sizes.get("ffn", 128),
-                              max_sequence_length=256, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
-                              gmask_token_id=tokenizer.gmask_token_id, pad_token_id=tokenizer.pad_token_id)
+        cfg = ChatGLMv1Config(
+            vocab_size=640,
+            hidden_size=sizes.get("hidden", 64),
+            num_layers=sizes.get("layers", 2),
+            num_attention_heads=sizes.get("heads", 4),
+            inner_hidden_size=sizes.get("ffn", 128),
+            max_sequence_length=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+            gmask_token_id=tokenizer.gmask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = ChatGLMv1ForCausalLM(cfg)
     elif generation in ("chatglm2", "chatglm3"):
         from transformers import GlmForCausalLM
@@ -111,8 +163,9 @@ def make_tiny_model(out_dir: str | os.PathLike, generation: str = "chatglm3", *,
         from transformers import GlmForCausalLM
 
         tokenizer = _glm4_tokenizer(work)
-        model = GlmForCausalLM(_glm_config(len(tokenizer) + 8, eos=tokenizer.eos_token_id,
-                                           pad=tokenizer.pad_token_id, **sizes))
+        model = GlmForCausalLM(
+            _glm_config(len(tokenizer) + 8, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, **sizes)
+        )
     else:
         raise ValueError(f"no official format for {generation!r}")
     _randomize(model, seed)

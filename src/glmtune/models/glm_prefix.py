@@ -23,10 +23,22 @@ from transformers.cache_utils import Cache, DynamicCache
 class PrefixEncoder(nn.Module):
     """[pre_seq_len] virtual tokens -> [num_layers * 2, B, G, pre_seq_len, d] keys/values (float32)."""
 
-    def __init__(self, pre_seq_len: int, num_layers: int, kv_heads: int, head_dim: int, hidden_size: int,
-                 projection: bool = False):
+    def __init__(
+        self,
+        pre_seq_len: int,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        projection: bool = False,
+    ):
         super().__init__()
-        self.pre_seq_len, self.num_layers, self.kv_heads, self.head_dim = pre_seq_len, num_layers, kv_heads, head_dim
+        self.pre_seq_len, self.num_layers, self.kv_heads, self.head_dim = (
+            pre_seq_len,
+            num_layers,
+            kv_heads,
+            head_dim,
+        )
         kv_size = num_layers * 2 * kv_heads * head_dim
         self.embedding = nn.Embedding(pre_seq_len, kv_size)
         # The official ChatGLM2/3 projection is kv_size -> hidden -> kv_size with a tanh between.
@@ -92,7 +104,9 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
                 pos = attention_mask.long().cumsum(-1) - 1
                 position_ids = pos.clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(seen, seen + length, device=ref.device).unsqueeze(0).expand(batch, -1)
+                position_ids = (
+                    torch.arange(seen, seen + length, device=ref.device).unsqueeze(0).expand(batch, -1)
+                )
         if attention_mask is not None and attention_mask.ndim == 2:
             ones = attention_mask.new_ones(batch, prefix_len)
             attention_mask = torch.cat([ones, attention_mask], dim=-1)

@@ -77,8 +77,9 @@ class _GLMSentencePieceTokenizer(PythonBackend):
     # The official tokenizers pad on the left: generation appends at the right end of every row.
     padding_side = "left"
 
-    def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = False, remove_space: bool = False,
-                 **kwargs):
+    def __init__(
+        self, vocab_file: str | os.PathLike, do_lower_case: bool = False, remove_space: bool = False, **kwargs
+    ):
         self.vocab_file = str(vocab_file)
         if "sp_model" not in self.__dict__:
             self.sp_model = spm.SentencePieceProcessor(model_file=self.vocab_file)
@@ -165,7 +166,9 @@ class _GLMSentencePieceTokenizer(PythonBackend):
                 if token in self._added_tokens_encoder:
                     continue
                 is_special = token in self.all_special_tokens or special_tokens
-                token = AddedToken(token, rstrip=False, lstrip=False, normalized=not is_special, special=is_special)
+                token = AddedToken(
+                    token, rstrip=False, lstrip=False, normalized=not is_special, special=is_special
+                )
             elif special_tokens:
                 token.__setstate__({"special": True, "normalized": token.normalized})
             if token.content in self._added_tokens_encoder:
@@ -260,8 +263,13 @@ class _GLMSentencePieceTokenizer(PythonBackend):
         token = self._added_tokens_decoder.get(index)
         return token.content if token is not None else self._extra_base_id_to_token(index)
 
-    def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False,
-                clean_up_tokenization_spaces: bool | None = None, **kwargs) -> str:
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str:
         """Runs of sentencepiece ids decode exactly like sentencepiece (byte pieces merge into UTF-8, the
         dummy-prefix space of each run is dropped); other known ids decode to their token text."""
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
@@ -313,9 +321,13 @@ class _GLMSentencePieceTokenizer(PythonBackend):
     # ------------------------------------------------------------------------------- saving, pickling
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
-            raise NotADirectoryError(f"{save_directory}: not a directory, cannot save {self.vocab_files_names}")
-        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "")
-                           + self.vocab_files_names["vocab_file"])
+            raise NotADirectoryError(
+                f"{save_directory}: not a directory, cannot save {self.vocab_files_names}"
+            )
+        out = os.path.join(
+            save_directory,
+            (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"],
+        )
         if os.path.isfile(self.vocab_file):
             if os.path.abspath(self.vocab_file) != os.path.abspath(out):
                 copyfile(self.vocab_file, out)
@@ -351,8 +363,15 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
 
     vocab_files_names = {"vocab_file": "tokenizer.model"}
 
-    def __init__(self, vocab_file: str | os.PathLike, chat_roles: bool = True, encode_special_tokens: bool = False,
-                 do_lower_case: bool = False, remove_space: bool = False, **kwargs):
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike,
+        chat_roles: bool = True,
+        encode_special_tokens: bool = False,
+        do_lower_case: bool = False,
+        remove_space: bool = False,
+        **kwargs,
+    ):
         # Loaded before the base class: the command ids follow the sentencepiece vocabulary.
         self.sp_model = sp = spm.SentencePieceProcessor(model_file=str(vocab_file))
         self.chat_roles = chat_roles
@@ -363,12 +382,23 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
         self._command_tokens = {i: token for token, i in self._command_ids.items()}
         self._command_pattern = re.compile("|".join(re.escape(t) for t in commands))
         # The official tokenizer pads with the sentencepiece unk id (there is no pad piece).
-        named = {"unk_token": sp.unk_id(), "pad_token": sp.unk_id(), "bos_token": sp.bos_id(), "eos_token": sp.eos_id()}
+        named = {
+            "unk_token": sp.unk_id(),
+            "pad_token": sp.unk_id(),
+            "bos_token": sp.bos_id(),
+            "eos_token": sp.eos_id(),
+        }
         for name, index in named.items():
             if index >= 0:
                 kwargs.setdefault(name, sp.id_to_piece(index))
-        super().__init__(vocab_file, do_lower_case=do_lower_case, remove_space=remove_space, chat_roles=chat_roles,
-                         encode_special_tokens=encode_special_tokens, **kwargs)
+        super().__init__(
+            vocab_file,
+            do_lower_case=do_lower_case,
+            remove_space=remove_space,
+            chat_roles=chat_roles,
+            encode_special_tokens=encode_special_tokens,
+            **kwargs,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -394,7 +424,7 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
         last = 0
         for match in self._command_pattern.finditer(text):
             if last < match.start():
-                pieces.extend(self.sp_model.encode(text[last:match.start()], out_type=str))
+                pieces.extend(self.sp_model.encode(text[last : match.start()], out_type=str))
             pieces.append(match.group())
             last = match.end()
         if last < len(text):
@@ -403,27 +433,38 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
 
     def get_command(self, token: str) -> int:
         """Id of a command token (``[gMASK]``, ``sop``, ``<|user|>`` ...) or of ``<bos> <eos> <unk> <pad>``."""
-        named = {"<bos>": self.sp_model.bos_id(), "<eos>": self.sp_model.eos_id(),
-                 "<unk>": self.sp_model.unk_id(), "<pad>": self.sp_model.unk_id()}
+        named = {
+            "<bos>": self.sp_model.bos_id(),
+            "<eos>": self.sp_model.eos_id(),
+            "<unk>": self.sp_model.unk_id(),
+            "<pad>": self.sp_model.unk_id(),
+        }
         if token in named:
             return named[token]
         if token not in self._command_ids:
-            raise KeyError(f"{token!r} is not a command token of this tokenizer "
-                           f"(known: {sorted(named) + list(self._command_ids)})")
+            raise KeyError(
+                f"{token!r} is not a command token of this tokenizer "
+                f"(known: {sorted(named) + list(self._command_ids)})"
+            )
         return self._command_ids[token]
 
     def get_prefix_tokens(self) -> list[int]:
         return [self._command_ids["[gMASK]"], self._command_ids["sop"]]
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
-                                         token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         ids = self.get_prefix_tokens() + list(token_ids_0)
         if token_ids_1 is not None:
             ids += list(token_ids_1) + [self.get_command("<eos>")]
         return ids
 
-    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
-                                already_has_special_tokens: bool = False) -> list[int]:
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
         if already_has_special_tokens:
             return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
         mask = [1, 1] + [0] * len(token_ids_0)
@@ -437,10 +478,15 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
             raise ValueError("this tokenizer has no role tokens (a ChatGLM2 vocabulary, chat_roles=False)")
         if role not in CHAT_ROLES:
             raise ValueError(f"unknown role {role!r}: expected one of {CHAT_ROLES}")
-        return ([self._command_ids[f"<|{role}|>"]] + self.sp_model.encode(f"{metadata}\n")
-                + self.sp_model.encode(message))
+        return (
+            [self._command_ids[f"<|{role}|>"]]
+            + self.sp_model.encode(f"{metadata}\n")
+            + self.sp_model.encode(message)
+        )
 
-    def build_chat_ids(self, query: str, history: Iterable[dict] | None = None, role: str = "user") -> list[int]:
+    def build_chat_ids(
+        self, query: str, history: Iterable[dict] | None = None, role: str = "user"
+    ) -> list[int]:
         """Prompt ids of the official ``build_chat_input``: history messages, the query, then ``<|assistant|>``."""
         ids = self.get_prefix_tokens()
         for item in history or ():
@@ -451,11 +497,18 @@ class ChatGLMTokenizer(_GLMSentencePieceTokenizer):
         ids += self.build_single_message(role, "", query)
         return ids + [self._command_ids["<|assistant|>"]]
 
-    def build_chat_input(self, query: str, history: Iterable[dict] | None = None, role: str = "user",
-                         return_tensors: str | None = "pt") -> BatchEncoding:
+    def build_chat_input(
+        self,
+        query: str,
+        history: Iterable[dict] | None = None,
+        role: str = "user",
+        return_tensors: str | None = "pt",
+    ) -> BatchEncoding:
         """A batch of one prompt, like the official method; position ids are left to the model."""
         ids = self.build_chat_ids(query, history, role)
-        return BatchEncoding({"input_ids": [ids], "attention_mask": [[1] * len(ids)]}, tensor_type=return_tensors)
+        return BatchEncoding(
+            {"input_ids": [ids], "attention_mask": [[1] * len(ids)]}, tensor_type=return_tensors
+        )
 
 
 class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
@@ -474,15 +527,36 @@ class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
 
     vocab_files_names = {"vocab_file": "ice_text.model"}
 
-    def __init__(self, vocab_file: str | os.PathLike, num_image_tokens: int = 20000, do_lower_case: bool = False,
-                 remove_space: bool = False, bos_token: str = "<sop>", eos_token: str = "<eop>",
-                 end_token: str = "</s>", mask_token: str = "[MASK]", gmask_token: str = "[gMASK]",
-                 pad_token: str = "<pad>", unk_token: str = "<unk>", **kwargs):
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike,
+        num_image_tokens: int = 20000,
+        do_lower_case: bool = False,
+        remove_space: bool = False,
+        bos_token: str = "<sop>",
+        eos_token: str = "<eop>",
+        end_token: str = "</s>",
+        mask_token: str = "[MASK]",
+        gmask_token: str = "[gMASK]",
+        pad_token: str = "<pad>",
+        unk_token: str = "<unk>",
+        **kwargs,
+    ):
         self.num_image_tokens = int(num_image_tokens)
-        super().__init__(vocab_file, do_lower_case=do_lower_case, remove_space=remove_space,
-                         num_image_tokens=self.num_image_tokens, bos_token=bos_token, eos_token=eos_token,
-                         end_token=end_token, mask_token=mask_token, gmask_token=gmask_token,
-                         pad_token=pad_token, unk_token=unk_token, **kwargs)
+        super().__init__(
+            vocab_file,
+            do_lower_case=do_lower_case,
+            remove_space=remove_space,
+            num_image_tokens=self.num_image_tokens,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            end_token=end_token,
+            mask_token=mask_token,
+            gmask_token=gmask_token,
+            pad_token=pad_token,
+            unk_token=unk_token,
+            **kwargs,
+        )
 
     @property
     def _sp_offset(self) -> int:
@@ -508,7 +582,9 @@ class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
         for name in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token"):
             value = self._special_tokens_map.get(name)
             if value is not None:
-                protected.setdefault(str(value), AddedToken(str(value), lstrip=True, rstrip=True, special=True))
+                protected.setdefault(
+                    str(value), AddedToken(str(value), lstrip=True, rstrip=True, special=True)
+                )
         return protected
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
@@ -527,15 +603,20 @@ class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
             return None
         return super()._literal_text(index)
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
-                                         token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         ids = list(token_ids_0) + [self.gmask_token_id, self.bos_token_id]
         if token_ids_1 is not None:
             ids += list(token_ids_1) + [self.eos_token_id]
         return ids
 
-    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
-                                already_has_special_tokens: bool = False) -> list[int]:
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
         if already_has_special_tokens:
             return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
         mask = [0] * len(token_ids_0) + [1, 1]
@@ -547,7 +628,15 @@ class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
 # ------------------------------------------------------------------------------------------- loading
 _VOCAB_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 _COMMON_KEYS = ("do_lower_case", "remove_space", "padding_side", "model_max_length")
-_V1_TOKEN_KEYS = ("bos_token", "eos_token", "end_token", "mask_token", "gmask_token", "pad_token", "unk_token")
+_V1_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "end_token",
+    "mask_token",
+    "gmask_token",
+    "pad_token",
+    "unk_token",
+)
 
 
 def _token_value(value):
@@ -570,8 +659,10 @@ def load_chatglm_tokenizer(path: str | os.PathLike, generation: str):
     config_file = path / "tokenizer_config.json"
     for needed in (vocab_file, config_file):
         if not needed.is_file():
-            raise ModelLoadError(f"{needed}: missing; a {generation} tokenizer folder holds "
-                                 f"{_VOCAB_FILES[generation]} and tokenizer_config.json")
+            raise ModelLoadError(
+                f"{needed}: missing; a {generation} tokenizer folder holds "
+                f"{_VOCAB_FILES[generation]} and tokenizer_config.json"
+            )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -589,4 +680,6 @@ def load_chatglm_tokenizer(path: str | os.PathLike, generation: str):
     # names of the config, so they are not read here either.
     if "encode_special_tokens" in config:
         kwargs["encode_special_tokens"] = bool(config["encode_special_tokens"])
-    return ChatGLMTokenizer(str(vocab_file), chat_roles=generation == "chatglm3", name_or_path=str(path), **kwargs)
+    return ChatGLMTokenizer(
+        str(vocab_file), chat_roles=generation == "chatglm3", name_or_path=str(path), **kwargs
+    )

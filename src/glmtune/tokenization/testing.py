@@ -22,9 +22,23 @@ import sentencepiece as spm
 
 from .chatglm import V1_MAX_BLANK_LENGTH, v1_preprocess_text
 
-__all__ = ["CHATGLM_V1_SPECIAL_PIECES", "CHATGLM_V1_USER_DEFINED_SYMBOLS", "train_tiny_spm", "train_tiny_spm_v1"]
+__all__ = [
+    "CHATGLM_V1_SPECIAL_PIECES",
+    "CHATGLM_V1_USER_DEFINED_SYMBOLS",
+    "train_tiny_spm",
+    "train_tiny_spm_v1",
+]
 
-CHATGLM_V1_SPECIAL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
+CHATGLM_V1_SPECIAL_PIECES = (
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<unused_0>",
+    "<sop>",
+    "<eop>",
+    "<ENC>",
+    "<dBLOCK>",
+)
 CHATGLM_V1_USER_DEFINED_SYMBOLS = (
     CHATGLM_V1_SPECIAL_PIECES
     + ("<n>", "<|tab|>")
@@ -32,9 +46,17 @@ CHATGLM_V1_USER_DEFINED_SYMBOLS = (
 )
 
 
-def train_tiny_spm(out_path: str | os.PathLike, text_lines: Iterable[str], vocab_size: int,
-                   user_defined_symbols: Sequence[str] = (), *, pad_id: int = -1, model_type: str = "bpe",
-                   byte_fallback: bool = True, character_coverage: float = 1.0) -> Path:
+def train_tiny_spm(
+    out_path: str | os.PathLike,
+    text_lines: Iterable[str],
+    vocab_size: int,
+    user_defined_symbols: Sequence[str] = (),
+    *,
+    pad_id: int = -1,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 1.0,
+) -> Path:
     """Train a sentencepiece model on ``text_lines`` and write it to ``out_path``; returns the path.
 
     Ids: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=``pad_id`` when >= 0, then ``user_defined_symbols``
@@ -74,7 +96,9 @@ def train_tiny_spm(out_path: str | os.PathLike, text_lines: Iterable[str], vocab
     return out
 
 
-def train_tiny_spm_v1(out_path: str | os.PathLike, text_lines: Iterable[str], vocab_size: int, **kwargs) -> Path:
+def train_tiny_spm_v1(
+    out_path: str | os.PathLike, text_lines: Iterable[str], vocab_size: int, **kwargs
+) -> Path:
     """A ChatGLM-6B (v1) ``ice_text.model``: the v1 id layout, trained on text after the v1 pre-processing.
 
     Newlines are kept inside a line here (they become ``<n>`` before training, as in the official model).

@@ -33,7 +33,8 @@ class Method:
     def prepare(self, model, spec: ModelSpec, method_cfg):
         raise NotImplementedError
 
-    def save(self, model, out_dir: Path, base_config: dict | None) -> None:
+    def save(self, model, out_dir: Path, base_config: dict | None, state_dict: dict | None = None) -> None:
+        """Write what the method trained; ``state_dict``: a gathered full state dict (ZeRO-3 / FSDP)."""
         raise NotImplementedError
 
 
@@ -53,15 +54,20 @@ class LoRA(Method):
         if isinstance(model, PeftModel):  # continuing from an earlier adapter: its weights train on
             return model
         targets = list(method_cfg.lora_target_modules or spec.lora_targets)
-        config = LoraConfig(r=method_cfg.lora_r, lora_alpha=method_cfg.lora_alpha,
-                            lora_dropout=method_cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=method_cfg.lora_r,
+            lora_alpha=method_cfg.lora_alpha,
+            lora_dropout=method_cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         try:
             return get_peft_model(model, config)
         except ValueError as e:
             raise ConfigError(f"method.lora_target_modules={targets}: {e}") from None
 
-    def save(self, model, out_dir, base_config):
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+    def save(self, model, out_dir, base_config, state_dict=None):
+        model.save_pretrained(str(out_dir), state_dict=state_dict)
 
 
 class PTuningV2(Method):
@@ -80,16 +86,27 @@ class PTuningV2(Method):
             p.requires_grad_(True)
         return model
 
-    def save(self, model, out_dir, base_config):
+    def save(self, model, out_dir, base_config, state_dict=None):
         from ..loading import prefix_encoder_of
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {f"transformer.prefix_encoder.{k}": v.detach().float().cpu().contiguous()
-                 for k, v in prefix_encoder_of(model).state_dict().items()}
+        if state_dict is not None:
+            # Native Glm names the encoder "prefix_encoder.*", ChatGLM-6B "transformer.prefix_encoder.*".
+            source = {
+                k.split("prefix_encoder.", 1)[1]: v for k, v in state_dict.items() if "prefix_encoder." in k
+            }
+        else:
+            source = prefix_encoder_of(model).state_dict()
+        state = {
+            f"transformer.prefix_encoder.{k}": v.detach().float().cpu().contiguous()
+            for k, v in source.items()
+        }
         torch.save(state, out_dir / "pytorch_model.bin")
         cfg = dict(base_config or {})
-        cfg.update(pre_seq_len=int(model.config.pre_seq_len),
-                   prefix_projection=bool(getattr(model.config, "prefix_projection", False)))
+        cfg.update(
+            pre_seq_len=int(model.config.pre_seq_len),
+            prefix_projection=bool(getattr(model.config, "prefix_projection", False)),
+        )
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -101,7 +118,9 @@ class Full(Method):
         if keep:
             layers = _decoder_layers(model)
             if not 0 < keep <= len(layers):
-                raise ConfigError(f"method.freeze_layers_except_last={keep}: the model has {len(layers)} layers")
+                raise ConfigError(
+                    f"method.freeze_layers_except_last={keep}: the model has {len(layers)} layers"
+                )
             for p in model.parameters():
                 p.requires_grad_(False)
             for layer in layers[len(layers) - keep :]:
@@ -109,8 +128,8 @@ class Full(Method):
                     p.requires_grad_(True)
         return model
 
-    def save(self, model, out_dir, base_config):
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+    def save(self, model, out_dir, base_config, state_dict=None):
+        model.save_pretrained(str(out_dir), state_dict=state_dict)
 
 
 METHODS: dict[str, Method] = {
@@ -163,20 +182,32 @@ def quantize_linears(model: nn.Module, bits: int, compute_dtype: torch.dtype = t
     import bitsandbytes as bnb
 
     output = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child is output:
                 continue
             if bits == 4:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
-                                             quant_type="nf4", compress_statistics=True)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.to(compute_dtype),
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
             else:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
-                                             has_fp16_weights=False)
+                q = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
+                )
+                q.weight = bnb.nn.Int8Params(
+                    child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
+                )
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             setattr(module, child_name, q)

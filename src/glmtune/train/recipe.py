@@ -29,11 +29,16 @@ CONFIG_NAME = "glmtune_config.yaml"
 def check_device(cfg: RunConfig) -> None:
     """Refuse what the machine can't do before any weight is read."""
     cuda = torch.cuda.is_available()
-    cfg.check_device(cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-                     device_name=torch.cuda.get_device_name() if cuda else "")
+    cfg.check_device(
+        cuda=cuda,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        device_name=torch.cuda.get_device_name() if cuda else "",
+    )
     check_quantization(cfg.model.quantization)
     if cfg.model.dtype == "float16" and not cuda:
-        raise ConfigError("model.dtype=float16 is not usable for training on the CPU; use float32 or bfloat16")
+        raise ConfigError(
+            "model.dtype=float16 is not usable for training on the CPU; use float32 or bfloat16"
+        )
 
 
 def _resume_path(cfg: RunConfig) -> str | None:
@@ -62,17 +67,28 @@ def _datasets(cfg: RunConfig, model_dir: Path):
     from ..data.encode import EncodeSettings
 
     d = cfg.data
-    settings = EncodeSettings(max_source_length=d.max_source_length, max_target_length=d.max_target_length,
-                              max_length=d.max_length, train_on_prompt=d.train_on_prompt)
-    common = dict(settings=settings, cache_dir=d.cache_dir, fmt=d.format, columns=d.columns or None,
-                  skip_invalid=d.skip_invalid)
+    settings = EncodeSettings(
+        max_source_length=d.max_source_length,
+        max_target_length=d.max_target_length,
+        max_length=d.max_length,
+        train_on_prompt=d.train_on_prompt,
+    )
+    common = dict(
+        settings=settings,
+        cache_dir=d.cache_dir,
+        fmt=d.format,
+        columns=d.columns or None,
+        skip_invalid=d.skip_invalid,
+    )
     train, info = tokenize_cached(d.train_file, model_dir, **common)
     reports = {"train": info}
     evals = None
     if d.eval_file:
         evals, reports["eval"] = tokenize_cached(d.eval_file, model_dir, **common)
     elif d.eval_ratio > 0:
-        split = train.train_test_split(test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed)
+        split = train.train_test_split(
+            test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed
+        )
         train, evals = split["train"], split["test"]
     return train, evals, reports
 
@@ -133,8 +149,10 @@ def train(cfg: RunConfig, printer=print) -> dict:
     spec = get_spec(cfg.model.generation) if cfg.model.generation else spec_for(model_path)
     method = get_method(cfg.method.name)
     if method.name == "ptuning_v2" and not spec.supports_ptuning:
-        raise ConfigError(f"method.name=ptuning_v2: P-Tuning v2 is not supported for {spec.name} models "
-                          f"({model_path}); use lora or full")
+        raise ConfigError(
+            f"method.name=ptuning_v2: P-Tuning v2 is not supported for {spec.name} models "
+            f"({model_path}); use lora or full"
+        )
     if cfg.data.packing and spec.name == "chatglm":
         raise ConfigError("data.packing: ChatGLM-6B's 2D positions and prefix-LM attention cannot be packed")
     out = Path(cfg.train.output_dir)
@@ -142,14 +160,18 @@ def train(cfg: RunConfig, printer=print) -> dict:
     save_config(cfg, out / CONFIG_NAME)
 
     # 2. Tokenizer and data (tokenized once, cached on disk).
-    tokenizer = load_tokenizer(model_path, generation=spec.name, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_path, generation=spec.name, trust_remote_code=cfg.model.trust_remote_code
+    )
     data_dir = _tokenizer_dir(model_path)
     train_set, eval_set, reports = _datasets(cfg, data_dir)
     for split, info in reports.items():
         st = info.stats
-        printer(f"{split} data: {info.rows} examples ({'cached' if info.hit else 'tokenized'} in {info.seconds:.1f} s); "
-                f"{st.truncated} truncated ({st.tokens_removed} tokens removed), {st.dropped} dropped, "
-                f"{len(st.invalid)} invalid rows skipped")
+        printer(
+            f"{split} data: {info.rows} examples ({'cached' if info.hit else 'tokenized'} in {info.seconds:.1f} s); "
+            f"{st.truncated} truncated ({st.tokens_removed} tokens removed), {st.dropped} dropped, "
+            f"{len(st.invalid)} invalid rows skipped"
+        )
 
     # 3. Model, then the method makes it trainable.
     # Seed before the model is built: LoRA A matrices and a fresh P-Tuning prefix come from the global
@@ -158,9 +180,15 @@ def train(cfg: RunConfig, printer=print) -> dict:
 
     set_seed(cfg.train.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    model = load_model(model_path, adapter=cfg.model.adapter, dtype=dtype, generation=spec.name,
-                       trust_remote_code=cfg.model.trust_remote_code, trainable_adapter=True,
-                       **method.load_kwargs(cfg.method))
+    model = load_model(
+        model_path,
+        adapter=cfg.model.adapter,
+        dtype=dtype,
+        generation=spec.name,
+        trust_remote_code=cfg.model.trust_remote_code,
+        trainable_adapter=True,
+        **method.load_kwargs(cfg.method),
+    )
     if cfg.model.quantization in ("4bit", "8bit"):
         model = quantize_linears(model, 4 if cfg.model.quantization == "4bit" else 8)
     model = method.prepare(model, spec, cfg.method)
@@ -170,8 +198,10 @@ def train(cfg: RunConfig, printer=print) -> dict:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     trainable, total = trainable_summary(model)
-    printer(f"model: {spec.name} ({type(model).__name__}), method {method.name}: "
-            f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)")
+    printer(
+        f"model: {spec.name} ({type(model).__name__}), method {method.name}: "
+        f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)"
+    )
 
     # 4. The run: the stock Trainer with glmtune's callbacks.
     from datasets import Dataset
@@ -197,9 +227,16 @@ def train(cfg: RunConfig, printer=print) -> dict:
         if method.name == "full":
             tokenizer.save_pretrained(str(folder))
 
-    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             data_collator=collator, callbacks=[ProgressCallback(printer), best],
-                             method=method, save_extras=save_extras)
+    trainer = GlmtuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        callbacks=[ProgressCallback(printer), best],
+        method=method,
+        save_extras=save_extras,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints the readable line instead
@@ -221,14 +258,17 @@ def train(cfg: RunConfig, printer=print) -> dict:
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss": result.training_loss,
-        "final_train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "final_train_loss": next(
+            (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
+        ),
         "best_eval_loss": min(evals) if evals else None,
         "last_eval_loss": evals[-1] if evals else None,
         "train_seconds": result.metrics.get("train_runtime"),
         "total_seconds": seconds,
         "train_examples": len(train_set),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": (trainer.state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9),
+        "tokens_per_second": (trainer.state.num_input_tokens_seen or 0)
+        / max(result.metrics.get("train_runtime", 1), 1e-9),
         "peak_memory_bytes": _peak_memory(),
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -262,4 +302,3 @@ def _peak_memory() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-

@@ -55,7 +55,14 @@ class GlmtuneTrainer(Trainer):
             return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.method.save(self.accelerator.unwrap_model(self.model), out, getattr(self, "base_official_config", None))
+        # Under DeepSpeed ZeRO-3 / FSDP transformers passes the gathered full state dict: the local
+        # parameters are only shards then, so save what was gathered.
+        self.method.save(
+            self.accelerator.unwrap_model(self.model),
+            out,
+            getattr(self, "base_official_config", None),
+            state_dict=state_dict,
+        )
         self.save_extras(out)
 
     def _save_checkpoint(self, model, trial):
@@ -83,8 +90,12 @@ class GlmtuneTrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=real, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=real,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         if self.args.parallel_mode.value == "distributed":
             torch.distributed.barrier()
 
@@ -125,8 +136,14 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
-                            leave=False, disable=not os.isatty(2))
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="train",
+                dynamic_ncols=True,
+                leave=False,
+                disable=not os.isatty(2),
+            )
         self.t0 = self.last_t = time.time()
         self.last_step = state.global_step
         self.last_tokens = state.num_input_tokens_seen or 0
@@ -147,10 +164,16 @@ class ProgressCallback(TrainerCallback):
             done = state.global_step - self.first_step
             rate = done / max(now - self.t0, 1e-9)
             eta = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
-            line = (f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / state.max_steps:.1f}%) "
-                    f"epoch {math.ceil(state.epoch or 0)} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} "
-                    f"{steps / dt:.2f} step/s {tokens / dt:.0f} tok/s ETA {_fmt_time(eta) if rate > 0 else '--:--:--'}")
-            self.last_t, self.last_step, self.last_tokens = now, state.global_step, state.num_input_tokens_seen or 0
+            line = (
+                f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / state.max_steps:.1f}%) "
+                f"epoch {math.ceil(state.epoch or 0)} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} "
+                f"{steps / dt:.2f} step/s {tokens / dt:.0f} tok/s ETA {_fmt_time(eta) if rate > 0 else '--:--:--'}"
+            )
+            self.last_t, self.last_step, self.last_tokens = (
+                now,
+                state.global_step,
+                state.num_input_tokens_seen or 0,
+            )
             self._write(line)
         if "eval_loss" in logs:
             self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
