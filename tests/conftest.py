@@ -16,7 +16,9 @@ def shared_path(*parts: str) -> Path:
     """Path under ../shared, or skip the test with the reason when it is absent (a user's clone)."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"{p} is absent: ../shared (fixtures and datasets) is only present in CI and dev checkouts")
+        pytest.skip(
+            f"{p} is absent: ../shared (fixtures and datasets) is only present in CI and dev checkouts"
+        )
     return p
 
 
