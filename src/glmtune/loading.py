@@ -435,6 +435,12 @@ def load_tokenizer(
         from .tokenization import load_chatglm_tokenizer
 
         return load_chatglm_tokenizer(path, spec.name)
+    if spec.name == "glm4" and not (path / "tokenizer.json").exists() and (path / "tokenizer.model").exists():
+        from .tokenization.glm4 import load_glm4_tiktoken
+
+        tok_cfg = path / "tokenizer_config.json"
+        template = read_json(tok_cfg).get("chat_template") if tok_cfg.exists() else None
+        return load_glm4_tiktoken(path, template if isinstance(template, str) else None)
     from transformers import AutoTokenizer
 
     gguf = find_gguf(path)
