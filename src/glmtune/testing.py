@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .tokenization.glm4 import GLM4_SPECIAL_TOKENS
+
 # A little bilingual text: enough for a few hundred sentencepiece pieces.
 CORPUS = [
     "你好，请介绍一下你自己。我是一个人工智能助手，可以回答问题、写作和翻译。",
@@ -27,18 +29,6 @@ CORPUS = [
     "水果 蔬菜 电脑 手机 衣服 书籍 酒店 旅游 音乐 电影 体育 新闻 教育 汽车",
 ]
 
-GLM4_SPECIALS = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-]
 
 
 def _glm_config(
@@ -98,7 +88,7 @@ def _glm4_tokenizer(out_dir: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=GLM4_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=600, special_tokens=list(GLM4_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
