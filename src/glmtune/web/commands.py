@@ -1,0 +1,128 @@
+"""``glmtune web MODEL``: :func:`register` adds the command to the ``glmtune`` sub-parsers."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from pathlib import Path
+
+from glmtune.errors import GlmtuneError
+
+__all__ = ["register"]
+
+
+def _model_arg(value: str) -> Path:
+    if value == "default":
+        from glmtune.loading import embedded_model_path
+
+        return embedded_model_path()
+    return Path(value)
+
+
+def _port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
+    return n
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``web`` to the ``glmtune`` sub-parsers."""
+    p = sub.add_parser(
+        "web",
+        help="browser UI: playground, base-vs-tuned compare, labelling, training run",
+        description="A local browser UI (Gradio) over the inference engine: try the model (streamed, "
+        "JSON answers parsed, ✓/✗ feedback to a JSONL), compare base and fine-tuned answers side by "
+        "side, label rows into a training file, and look at a training run. Binds 127.0.0.1 unless "
+        "--host says otherwise.",
+    )
+    p.add_argument("model", type=_model_arg, help="model folder ('default' = embedded SmolLM2)")
+    p.add_argument("--adapter", type=Path, help="LoRA (peft) or P-Tuning v2 adapter folder")
+    p.add_argument(
+        "--base-model",
+        type=Path,
+        help="base model for the Compare tab when MODEL is a full fine-tune (with --adapter the base "
+        "is MODEL itself)",
+    )
+    p.add_argument("--data", type=Path, help="JSONL dataset the Label tab appends to (created if absent)")
+    p.add_argument(
+        "--label-format",
+        default="context_target",
+        choices=["context_target", "conversations"],
+        help="format of new rows when --data is empty (otherwise the file's own format)",
+    )
+    p.add_argument(
+        "--feedback",
+        type=Path,
+        default=Path("feedback.jsonl"),
+        help="JSONL the ✓/✗ buttons append to (default: ./feedback.jsonl)",
+    )
+    p.add_argument("--run", type=Path, help="training run folder for the Train tab")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped in the model folder (off by default)",
+    )
+    p.set_defaults(func=cmd_web)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_web(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise GlmtuneError("glmtune web needs Gradio: pip install 'glmtune[web]'") from None
+    import torch
+
+    from .app import build_app, launch
+    from .core import Backend
+    from .store import FeedbackLog, LabelStore
+
+    store = LabelStore(args.data, default_format=args.label_format) if args.data is not None else None
+    if store is not None:
+        store.rows()  # a broken file is reported now, not at the first save
+    print(f"glmtune web: loading {args.model}" + (f" + {args.adapter}" if args.adapter else ""), flush=True)
+    backend = Backend.load(
+        args.model,
+        args.adapter,
+        base_model=args.base_model,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    feedback = FeedbackLog(args.feedback, model=backend.model, adapter=backend.adapter)
+    app = build_app(backend, store=store, feedback=feedback, run_dir=args.run)
+    if not _is_loopback(args.host):
+        print(
+            f"glmtune web: WARNING: listening on {args.host}: anyone who can reach this machine can use "
+            "the model and write to the data and feedback files (there is no login)",
+            flush=True,
+        )
+    print(
+        f"glmtune web: feedback -> {feedback.path}"
+        + (f"; labels -> {store.path}" if store is not None else "")
+        + f"; serving on http://{args.host}:{args.port} (Ctrl+C stops)",
+        flush=True,
+    )
+    try:
+        launch(app, args.host, args.port, block=True, quiet=True)  # our own line says where
+    except OSError as e:
+        raise GlmtuneError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+    return 0
