@@ -226,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     from .data.commands import register as register_data
+    from .server.commands import register as register_serve
     from .web.commands import register as register_web
 
     register_data(sub)
+    register_serve(sub)
     register_web(sub)
 
     p = sub.add_parser("demo", help="the main job: score, LoRA-tune and re-score the embedded default model")
