@@ -195,3 +195,25 @@ def test_chat_cli_streams_the_same_answer_as_generate(run, capsys):
     )
     assert streamed.strip() == expected.text
     assert capsys.readouterr().out.strip() == expected.text
+
+
+def test_export_cli_then_chat_on_the_merged_folder(run, tmp_path):
+    """export merges the run's LoRA; the merged folder answers exactly like base + adapter."""
+    out = tmp_path / "merged"
+    assert cli.main(["export", str(run["run"]), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "glm"
+    merged = Engine.from_path(out)
+    adapted = Engine.from_path(run["model"], adapter=run["run"] / "final")
+    assert type(merged.tokenizer).__name__ == "ChatGLMTokenizer"  # template helpers kept
+    prompt = [[{"role": "user", "content": "苹果很甜"}]]
+    settings = GenerationSettings(max_new_tokens=8)
+    assert merged.generate(prompt, settings)[0].token_ids == adapted.generate(prompt, settings)[0].token_ids
+
+
+def test_int8_quantized_chat_engine(run):
+    engine = Engine.from_path(run["model"], quantize="int8-cpu")
+    reply = engine.generate([[{"role": "user", "content": "你好"}]], GenerationSettings(max_new_tokens=4))[0]
+    assert reply.finish_reason in ("stop", "length") and len(reply.token_ids) <= 4
+    from glmtune.quantize import quantized_modules
+
+    assert quantized_modules(engine.model)

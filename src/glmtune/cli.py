@@ -33,6 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow running Python code shipped in the model folder (off by default)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8-cpu", "int8-dynamic", "8bit", "4bit"],
+        help="quantized inference: int8 on the CPU, or bitsandbytes 8/4-bit on a CUDA GPU",
+    )
 
 
 def _engine(args):
@@ -46,6 +51,7 @@ def _engine(args):
         dtype=getattr(torch, args.dtype),
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        quantize=getattr(args, "quantize", None),
     )
 
 
@@ -146,6 +152,21 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(
+        args.source,
+        args.out,
+        format=args.format,
+        base=args.base,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    print(f"exported to {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -220,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL; rows already there are skipped")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="merge a LoRA run/adapter into its base and save a standard folder")
+    p.add_argument("source", help="run folder, adapter folder, checkpoint, or model folder")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument(
+        "--format",
+        choices=["hf", "official"],
+        default="hf",
+        help="hf: transformers/vLLM folder (native GLM for ChatGLM2/3/GLM-4); official: ChatGLM layout",
+    )
+    p.add_argument("--base", help="base model (default: from the run config or adapter_config.json)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("score", help="metrics of an existing predictions JSONL ({predict, label} rows)")
     p.add_argument("predictions", type=Path)

@@ -69,10 +69,16 @@ class Engine:
         dtype=torch.float32,
         device="cpu",
         trust_remote_code: bool = False,
+        quantize: str | None = None,
     ) -> Engine:
+        """Load model + tokenizer; ``quantize``: int8-cpu | int8-dynamic | 8bit | 4bit (glmtune.quantize)."""
         model = load_model(
             path, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
+        if quantize:
+            from .quantize import quantize_for_inference
+
+            model = quantize_for_inference(model, quantize)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, get_spec(model.config.glmtune_generation))
 
