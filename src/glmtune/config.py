@@ -298,6 +298,13 @@ class DataConfig:
     group_by_length: bool = _opt(
         False, help="Batch examples of similar length together (less padding; the order is less random)."
     )
+    padding_free: bool = _opt(
+        True,
+        help="Concatenate each batch's examples into one row without padding (position ids restart per "
+        "example, attention stays within each example): the same batches and loss as padded ones, without "
+        "computing padding. Not for ChatGLM-6B (v1) or P-Tuning v2 (padded batches are used there) nor with "
+        "packing.",
+    )
     cache_dir: str | None = _opt(
         None,
         help="Folder for the tokenized dataset cache; null = $GLMTUNE_CACHE/datasets or ~/.cache/glmtune/datasets.",
@@ -393,6 +400,18 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(
         False, help="Recompute activations in the backward pass: much less memory, about 30% slower."
+    )
+    logits_at_labels_only: bool = _opt(
+        True,
+        help="Compute the output layer and the loss only at positions that predict a label (the replies), "
+        "not over the whole vocabulary at prompt and padding positions: the same loss and gradients, faster "
+        "and lighter; false = transformers' full-logits loss.",
+    )
+    loss_chunk_size: int = _opt(
+        1024,
+        help="With logits_at_labels_only: labelled positions whose logits exist at a time, the output layer "
+        "fused with the cross-entropy and its gradient (memory: chunk x vocabulary); 0 = all at once, unfused.",
+        check=_at_least(0),
     )
     precision: Precision = _opt(
         "fp32",

@@ -36,11 +36,30 @@ def check_folder(path: Path) -> None:
     root = path.resolve()
     for entry in path.iterdir():
         if entry.is_symlink():
-            target = entry.resolve()
+            try:
+                target = entry.resolve()
+            except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+                raise ModelLoadError(f"{entry}: symbolic link cannot be resolved ({e}); refused") from None
             if root not in target.parents and target != root:
                 raise ModelLoadError(
                     f"{entry}: symbolic link points outside the model folder (to {target}); refused"
                 )
+
+
+def _index_shards(path: Path, p: Path) -> list[Path]:
+    """The shards an index file lists: plain file names inside ``path`` that exist, or an error."""
+    idx = read_json(p)
+    if "weight_map" not in idx or not isinstance(idx["weight_map"], dict):
+        raise ModelLoadError(f"{p}: no 'weight_map' object")
+    files = []
+    for n in dict.fromkeys(idx["weight_map"].values()):
+        if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
+            raise ModelLoadError(f"{p}: shard name {n!r} is not a plain file name; refused")
+        f = path / n
+        if not f.exists():
+            raise ModelLoadError(f"{p}: shard {n} is listed but missing")
+        files.append(f)
+    return files
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -48,19 +67,7 @@ def weight_files(path: Path) -> list[Path]:
     for index in WEIGHT_INDEXES:
         p = path / index
         if p.exists():
-            idx = read_json(p)
-            if "weight_map" not in idx or not isinstance(idx["weight_map"], dict):
-                raise ModelLoadError(f"{p}: no 'weight_map' object")
-            names = list(dict.fromkeys(idx["weight_map"].values()))
-            files = []
-            for n in names:
-                f = path / n
-                if Path(n).name != n:
-                    raise ModelLoadError(f"{p}: shard name {n!r} is not a plain file name; refused")
-                if not f.exists():
-                    raise ModelLoadError(f"{p}: shard {n} is listed but missing")
-                files.append(f)
-            return files
+            return _index_shards(path, p)
     for name in WEIGHT_FILES:
         if (path / name).exists():
             return [path / name]
@@ -151,6 +158,106 @@ def _check_missing(
         raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
 
 
+# The most parameters one byte of a weight file can hold (1-bit quantized exports): a config.json that
+# asks for more parameters than that is refused before anything is built.
+_MAX_PARAMS_PER_BYTE = 8
+
+
+def _dim(cfg, *names: str, required: bool = False) -> int | None:
+    """A size field of a config (object or dict): a positive int, None when absent, else an error."""
+    for name in names:
+        value = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelLoadError(f"config field {name}={value!r}: expected a positive integer")
+        return value
+    if required:
+        raise ModelLoadError(f"config field {names[0]} is missing or null: expected a positive integer")
+    return None
+
+
+def _check_size(config_file: Path, estimate: Callable[[], int], files: list[Path]) -> None:
+    """Refuse a config.json that describes a model far larger than its weight files hold.
+
+    Runs before the model is built: an absurd config (hidden_size 10**7, a million layers) would
+    otherwise allocate buffers or spend minutes building modules before any weight is read.
+    ``estimate()``: a lower bound on the parameter count (the large matrices only).
+    """
+    try:
+        params = estimate()
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{config_file}: {e}") from None
+    held = sum(f.stat().st_size for f in files)
+    if params > _MAX_PARAMS_PER_BYTE * (held + (1 << 20)):  # integers: params may exceed any float
+        raise ModelLoadError(
+            f"{config_file}: describes a model of at least {params:,} parameters, but the weight files "
+            f"hold only {held:,} bytes ({', '.join(f.name for f in files[:4])}"
+            f"{', ...' if len(files) > 4 else ''}); config.json does not match the weights, refused "
+            "before building the model"
+        )
+
+
+def _glm_params(config) -> int:
+    vocab, hidden, layers, ffn, heads, kv, head_dim = (
+        _dim(config, name, required=True)
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
+    )
+    attention = hidden * head_dim * (2 * heads + 2 * kv)  # q, o; k, v
+    return 2 * vocab * hidden + layers * (attention + 3 * hidden * ffn)
+
+
+def _v1_params(config) -> int:
+    vocab, hidden, layers, inner = (
+        _dim(config, name, required=True)
+        for name in ("vocab_size", "hidden_size", "num_layers", "inner_hidden_size")
+    )
+    return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def _hf_params(cfg: dict) -> int:
+    """A lower bound for any transformers causal LM: the embedding and one hidden x hidden per layer.
+
+    Lenient: a field that is absent or not a positive integer counts as unknown (transformers checks
+    its own configs); only sizes that are plainly given are compared with the weight files.
+    """
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+
+    def dim(*names: str) -> int:
+        try:
+            return _dim(cfg, *names) or 0
+        except ModelLoadError:
+            return 0
+
+    # A hidden size of 0 must not hide a billion layers: each layer counts for at least one parameter.
+    hidden = max(dim("hidden_size", "d_model", "n_embd"), 1)
+    return hidden * dim("vocab_size") + dim("num_hidden_layers", "num_layers", "n_layer") * hidden * hidden
+
+
+def _hf_meta_params(path: Path, trust_remote_code: bool) -> int:
+    """The parameter count of a transformers folder's model, built on the meta device (no memory).
+
+    0 when it cannot be built: ``from_pretrained`` then reports what is wrong with the folder.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:
+        return 0
+    return sum(p.numel() for p in model.parameters())
+
+
 def _empty_model(cls, config) -> nn.Module:
     from accelerate import init_empty_weights
 
@@ -238,7 +345,13 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
     from .models.glm_official import glm_config_from_official, official_to_native
     from .models.glm_prefix import GlmPrefixForCausalLM
 
-    config = glm_config_from_official(cfg, str(path / "config.json"))
+    config_file = path / "config.json"
+    try:
+        config = glm_config_from_official(cfg, str(config_file))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ModelLoadError(f"{config_file}: cannot build the model from it: {e}") from None
+    files = weight_files(path)
+    _check_size(config_file, lambda: _glm_params(config), files)
     cls = GlmForCausalLM
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
@@ -246,7 +359,7 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
     model = _empty_model(cls, config)
     stream_into(
         model,
-        weight_files(path),
+        files,
         lambda k, t: official_to_native(k, t, config),
         dtype,
         skip=lambda k: k.startswith("transformer.prefix_encoder."),
@@ -258,16 +371,24 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
 def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
     from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 
-    config = (
-        ChatGLMv1Config.from_official(cfg) if cfg.get("model_type") == "chatglm" else ChatGLMv1Config(**cfg)
-    )
+    config_file = path / "config.json"
+    try:
+        config = (
+            ChatGLMv1Config.from_official(cfg)
+            if cfg.get("model_type") == "chatglm"
+            else ChatGLMv1Config(**cfg)
+        )
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, NotImplementedError) as e:
+        raise ModelLoadError(f"{config_file}: cannot build the model from it: {e}") from None
+    files = weight_files(path)
+    _check_size(config_file, lambda: _v1_params(config), files)
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
     model = _empty_model(ChatGLMv1ForCausalLM, config)
     tied = getattr(config, "tie_word_embeddings", True)
     stream_into(
         model,
-        weight_files(path),
+        files,
         lambda k, t: [(k, t)],
         dtype,
         # inv_freq is recomputed (the original ignores the stored copy); a tied lm_head is the embedding.
@@ -348,6 +469,15 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         path = gguf_as_hf_folder(gguf)
     else:
         cfg = read_json(path / "config.json")
+        # transformers joins the index's shard names to the folder as they are: "../x.safetensors"
+        # would be read from outside it. And a config far larger than the weights is refused unbuilt.
+        files = [
+            f
+            for index in WEIGHT_INDEXES
+            if (path / index).exists()
+            for f in _index_shards(path, path / index)
+        ]
+        files = files or [path / n for n in WEIGHT_FILES if (path / n).exists()]
         if cfg.get("auto_map") and not trust_remote_code:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -357,10 +487,36 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
                     "transformers; the folder ships its own code (auto_map). Pass --trust-remote-code "
                     "(trust_remote_code=True) to run it, only if you trust its author."
                 )
+        if files:
+            # A cheap lower bound first (a million layers would take minutes to build even on the meta
+            # device), then the exact count of the model built on the meta device: transformers
+            # allocates a parameter whose shape differs from the checkpoint's before it reports the
+            # mismatch, so e.g. num_key_value_heads=10**6 would allocate gigabytes.
+            _check_size(path / "config.json", lambda: _hf_params(cfg), files)
+            _check_size(path / "config.json", lambda: _hf_meta_params(path, trust_remote_code), files)
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    # A config transformers' own validation refuses (StrictDataclassError), or weights whose shapes do
+    # not match it (RuntimeError), is a bad folder too.
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        ArithmeticError,
+        RuntimeError,
+        StrictDataclassError,
+    ) as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    # transformers only warns about weights the checkpoint lacks and initialises them at random: a
+    # config.json with more layers than the weights would silently give a broken model.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
+    return model
 
 
 def load_model(
@@ -382,7 +538,10 @@ def load_model(
     with its weights trainable (to continue training it).
     """
     path = Path(path)
-    spec = get_spec(generation) if generation else spec_for(path)
+    try:
+        spec = get_spec(generation) if generation else spec_for(path)
+    except (TypeError, ValueError, OverflowError) as e:  # a config.json field of the wrong type
+        raise ModelLoadError(f"{path / 'config.json'}: cannot tell the model generation: {e}") from None
     if path.is_dir():
         check_folder(path)
     kind = None
@@ -430,8 +589,15 @@ def load_tokenizer(
 ):
     """A transformers tokenizer for the model folder, never importing the folder's Python files."""
     path = Path(path)
-    spec: ModelSpec = get_spec(generation) if generation else spec_for(path)
-    if spec.name in ("chatglm", "chatglm2", "chatglm3") and not (path / "tokenizer.json").exists():
+    try:
+        spec: ModelSpec = get_spec(generation) if generation else spec_for(path)
+    except (TypeError, ValueError, OverflowError) as e:  # a config.json field of the wrong type
+        raise ModelLoadError(f"{path / 'config.json'}: cannot tell the model generation: {e}") from None
+    # The sentencepiece file is authoritative for ChatGLM-6B/2/3 (an exported folder also carries a
+    # tokenizer.json for plain transformers; glmtune's own class keeps the template helpers).
+    if spec.name in ("chatglm", "chatglm2", "chatglm3") and any(
+        (path / f).exists() for f in ("tokenizer.model", "ice_text.model")
+    ):
         from .tokenization import load_chatglm_tokenizer
 
         return load_chatglm_tokenizer(path, spec.name)

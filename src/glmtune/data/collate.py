@@ -4,6 +4,9 @@
   are padded with -100 and an ``attention_mask`` marks the real tokens.
 - :func:`length_grouped_sampler`: transformers' ``LengthGroupedSampler``, so that a batch holds
   examples of similar length and little padding.
+- :class:`FlatCollator` (padding-free batches): the batch's examples concatenated into one row, no
+  padding at all; the same examples per step and the same loss as :class:`DataCollator`'s padded
+  batch (each example's position ids restart at 0 and attention is kept apart as for packing below).
 - :func:`pack_examples` + :class:`PackedCollator`: several examples share one row. Each example's
   ``position_ids`` restart at 0, which is how transformers (``masking_utils.find_packed_sequence_indices``)
   tells packed sequences apart and builds a block-diagonal causal mask, for sdpa, eager, flex and
@@ -31,6 +34,7 @@ from glmtune.templates import IGNORE_INDEX
 
 __all__ = [
     "DataCollator",
+    "FlatCollator",
     "PackedCollator",
     "check_packing",
     "length_grouped_sampler",
@@ -231,5 +235,58 @@ class PackedCollator:
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
+            "use_cache": False,
+        }
+
+
+class FlatCollator:
+    """Padding-free batches: the examples of a batch concatenated into a single row ``[1, total]``.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 for every example),
+    ``use_cache=False`` and no ``attention_mask`` (as :class:`PackedCollator`: transformers then keeps
+    the examples apart by their position ids), plus the flash-attention style boundaries
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 ``[0, n1, n1+n2, ...]``) and ``max_length_q``/``_k``,
+    which glmtune's ``glmtune_sdpa`` attention (:mod:`glmtune.train.fast_attention`) and flash
+    attention use to attend within each example only, never over the whole row.
+
+    The first label of every example is -100: in a padded batch the first position predicts nothing
+    either, so the loss (mean over the labelled tokens) is the padded batch's loss.
+    """
+
+    def __init__(self, pad_id: int | None = None, *, model: Any = None):
+        if model is not None:
+            check_packing(model)
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        bounds = [0]
+        for f in features:
+            row_ids = _field(f, "input_ids")
+            row_labels = _field(f, "labels")
+            if len(row_ids) != len(row_labels):
+                raise ValueError(
+                    f"labels ({len(row_labels)}) and input_ids ({len(row_ids)}) differ in length"
+                )
+            if not row_ids:
+                raise ValueError("cannot collate an empty example")
+            ids += row_ids
+            labels += [IGNORE_INDEX] + row_labels[1:]
+            positions += range(len(row_ids))
+            bounds.append(bounds[-1] + len(row_ids))
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
             "use_cache": False,
         }

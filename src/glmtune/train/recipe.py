@@ -10,6 +10,7 @@ distribution.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -206,7 +207,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
     # 4. The run: the stock Trainer with glmtune's callbacks.
     from datasets import Dataset
 
-    from ..data.collate import DataCollator, PackedCollator, pack_examples
+    from ..data.collate import DataCollator, FlatCollator, PackedCollator, pack_examples
+    from .fast_attention import use_padding_free_attention
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.data.packing:
@@ -214,6 +216,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
             raise ConfigError("data.packing needs data.max_length (the length of a packed row)")
         train_set = Dataset.from_list(pack_examples(train_set, cfg.data.max_length, model=model))
         collator = PackedCollator(pad_id, model=model)
+    elif cfg.data.padding_free and _can_flatten(model):
+        collator = FlatCollator(pad_id)
     else:
         collator = DataCollator(pad_id)
     # TensorBoard event files go to <output_dir>/tensorboard (transformers 5 takes the folder from the env).
@@ -236,6 +240,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
         callbacks=[ProgressCallback(printer), best],
         method=method,
         save_extras=save_extras,
+        logits_at_labels_only=cfg.train.logits_at_labels_only,
+        loss_chunk_size=cfg.train.loss_chunk_size,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -245,7 +251,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
     resume = _resume_path(cfg)
     if resume:
         printer(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    with use_padding_free_attention(model) if isinstance(collator, FlatCollator) else _nothing():
+        result = trainer.train(resume_from_checkpoint=resume)
 
     # 5. Final weights, plot and summary.
     final = out / "final"
@@ -282,6 +289,22 @@ def train(cfg: RunConfig, printer=print) -> dict:
         os.replace(tmp, out / "train_summary.json")
     printer(f"done: {summary['steps']} steps in {seconds:.0f} s, final weights in {final}")
     return summary
+
+
+def _can_flatten(model) -> bool:
+    """Padding-free batches need what packing needs: one position per token, no P-Tuning prefix."""
+    from ..data.collate import check_packing
+
+    try:
+        check_packing(model)
+    except ConfigError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _tokenizer_dir(model_path: Path) -> Path:

@@ -5,7 +5,10 @@
   the resolved config and tokenizer are saved beside it;
 - a non-finite loss stops the run, naming the step, before anything is saved over the last good
   checkpoint;
-- resuming a P-Tuning run reads the prefix back from the official layout.
+- resuming a P-Tuning run reads the prefix back from the official layout;
+- the loss is computed at the labelled positions only (``train.logits_at_labels_only``, see
+  :mod:`glmtune.train.fast_loss`): the output layer never maps prompt or padding positions to the
+  vocabulary.
 """
 
 from __future__ import annotations
@@ -30,12 +33,90 @@ class TrainingDiverged(GlmtuneError):
     """The training loss became NaN or infinite."""
 
 
+class CheckpointSaveError(GlmtuneError, OSError):
+    """Writing a checkpoint failed (disk full, read-only folder): names the step, the folder being
+    written and the last good checkpoint, which is left as it was."""
+
+
+def _save_failed(error: Exception, what: str, where: Path, output_dir: str) -> CheckpointSaveError:
+    last = _last_checkpoint(output_dir)
+    file = getattr(error, "filename", None)
+    reason = (getattr(error, "strerror", None) or str(error)) + (f" ({file})" if file else "")
+    if isinstance(error, RuntimeError):  # torch.save's writer: the cause is not in its message
+        reason = f"a file write failed (torch.save: {error})"
+    try:
+        free = f" ({shutil.disk_usage(output_dir).free:,} bytes free there)"
+    except OSError:
+        free = ""
+    text = (
+        f"{reason}: saving {what} into {where}{free} failed; "
+        + (f"the last good checkpoint, {last}, is intact. " if last else "no checkpoint was saved before. ")
+        + f"Free disk space or make {output_dir} writable, then resume with train.resume=latest."
+    )
+    errno = getattr(error, "errno", None)
+    return CheckpointSaveError(errno, text) if errno is not None else CheckpointSaveError(text)
+
+
 class GlmtuneTrainer(Trainer):
-    def __init__(self, *args, method, save_extras, **kwargs):
+    def __init__(
+        self,
+        *args,
+        method,
+        save_extras,
+        logits_at_labels_only: bool = True,
+        loss_chunk_size: int = 1024,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.method = method
         # save_extras(out_dir): writes the resolved config, tokenizer and anything else a checkpoint needs.
         self.save_extras = save_extras
+        self.logits_at_labels_only = logits_at_labels_only
+        self.loss_chunk_size = loss_chunk_size
+        self._output_layer = _output_layer(self.model) if logits_at_labels_only else None
+
+    def _labelled_loss_applies(self, model, inputs) -> bool:
+        return (
+            self._output_layer is not None
+            and "labels" in inputs
+            and "shift_labels" not in inputs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            # evaluation: only when nothing but the loss is wanted (no logits for compute_metrics)
+            and (model.training or self.compute_metrics is None)
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The stock loss, computed at the labelled positions only (see :mod:`.fast_loss`)."""
+        # A batch (or accumulation window) without a single target token, e.g. every reply truncated
+        # away: its loss is 0 (no gradient) rather than 0 / 0 = NaN, which the NaN guard would stop on.
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        elif num_items_in_batch is not None:
+            num_items_in_batch = max(num_items_in_batch, 1)
+        if not self._labelled_loss_applies(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .fast_loss import LabelledOutputs
+
+        labels = inputs["labels"]
+        # ZeRO-3 / FSDP shard the output layer's weight outside its forward: only the plain path there.
+        fused = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        with LabelledOutputs(self._output_layer, labels, self.loss_chunk_size, fused=fused) as head:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        if head.loss_sum is None:  # the model does not feed the output layer [B, T, H]: stock path
+            self._output_layer = None
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(head.loss_sum.device)
+            loss = head.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # as Trainer.compute_loss scales it
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            loss = head.loss_sum / max(head.count, 1)  # the mean over the target tokens (0 when none)
+        if isinstance(outputs, dict):
+            outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -66,6 +147,26 @@ class GlmtuneTrainer(Trainer):
         self.save_extras(out)
 
     def _save_checkpoint(self, model, trial):
+        from safetensors import SafetensorError
+
+        try:
+            self._save_checkpoint_staged(model, trial)
+        except CheckpointSaveError:
+            raise
+        except (OSError, SafetensorError, RuntimeError) as e:
+            # torch.save reports a failed write (a full disk) only as "[enforce fail at
+            # inline_container.cc...] unexpected pos" or "PytorchStreamWriter failed writing".
+            if (
+                isinstance(e, RuntimeError)
+                and "inline_container" not in str(e)
+                and "StreamWriter" not in str(e)
+            ):
+                raise
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            where = Path(self.args.output_dir) / STAGING / name
+            raise _save_failed(e, name, where, self.args.output_dir) from e
+
+    def _save_checkpoint_staged(self, model, trial):
         real = self.args.output_dir
         staging = Path(real) / STAGING
         distributed = self.args.parallel_mode.value == "distributed"
@@ -87,7 +188,9 @@ class GlmtuneTrainer(Trainer):
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             final = Path(real) / name
             if final.exists():  # a re-run of the same step after a resume: replace it whole
-                shutil.rmtree(final)
+                # Moved aside first (one rename), never deleted in place: a kill mid-delete would leave
+                # a partial checkpoint-<step> that train.resume=latest then picks.
+                os.replace(final, staging / f"{name}.replaced")
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(
@@ -106,6 +209,34 @@ class GlmtuneTrainer(Trainer):
             _load_prefix(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _output_layer(model):
+    """The output layer when the labelled-positions loss can drive it, else None.
+
+    The model (under peft: its base model) must be a causal LM that feeds its output layer the final
+    hidden states as ``[batch, positions, hidden]``: transformers' models whose forward takes
+    ``logits_to_keep`` (GlmForCausalLM for ChatGLM2/3 and GLM-4 and glmtune's P-Tuning subclass of it,
+    Llama, Qwen, ...) and glmtune's ChatGLM-6B class. Remote-code models (other layouts) keep the stock loss.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_output_embeddings"):
+        return None
+    try:
+        head = base.get_output_embeddings()
+        # the class or a parent it extends (glmtune's P-Tuning subclass of GlmForCausalLM)
+        takes = any(
+            "logits_to_keep" in inspect.signature(cls.forward).parameters
+            for cls in type(base).__mro__
+            if "forward" in vars(cls)
+        )
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return None
+    if head is None or not takes or not isinstance(head, torch.nn.Module):
+        return None
+    return head
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
@@ -211,8 +342,11 @@ class BestAndPlotCallback(TrainerCallback):
         out = Path(args.output_dir)
         tmp = out / ".best-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer._save(str(tmp))
-        (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+        try:
+            self.trainer._save(str(tmp))
+            (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+        except OSError as e:  # best/ itself is left as it was
+            raise _save_failed(e, f"best/ (step {state.global_step})", tmp, args.output_dir) from e
         old = out / ".best-old"
         if (out / "best").exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""Shared helpers of the reliability suite: tiny models, small data, run configs, peak-memory probes."""
+
+from __future__ import annotations
+
+import json
+import resource
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from glmtune.config import load_config
+from glmtune.testing import make_tiny_model
+
+# Distinct rows (so data order and dropout RNG matter to the result) in the context/target format.
+ROWS = [
+    {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手，可以回答问题、写作和翻译。"},
+    {"context": "Hello world!", "target": "The quick brown fox jumps over the lazy dog."},
+    {"context": "今天天气不错。", "target": "我们去公园散步吧。北京的秋天很美。"},
+    {"context": "Instruction: classify the comment.", "target": "the apples are fresh and sweet."},
+    {"context": "机器学习是什么？", "target": "机器学习是人工智能的一个分支。"},
+    {"context": "def add(a, b):", "target": "return a + b"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_config(model: Path, out: Path, train_file: Path, cache: Path, **train) -> dict:
+    """A tiny LoRA run: batch 2, a checkpoint every 2 steps, all kept, nothing reported."""
+    return {
+        "model": {"path": str(model)},
+        "data": {"train_file": str(train_file), "max_length": 64, "cache_dir": str(cache)},
+        "method": {"name": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 4,
+            "batch_size": 2,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "save_total_limit": None,
+            "report_to": [],
+            "seed": 0,
+            **train,
+        },
+    }
+
+
+def run(raw: dict, *overrides: str) -> dict:
+    from glmtune.train import train
+
+    return train(load_config(raw, overrides), printer=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(generation="chatglm3") -> a tiny random model folder, built once per session."""
+    root = tmp_path_factory.mktemp("reliability_models")
+    built: dict[str, Path] = {}
+
+    def get(generation: str = "chatglm3") -> Path:
+        if generation not in built:
+            # Sharded (model.safetensors.index.json + a few shards): the index paths are exercised too.
+            built[generation] = make_tiny_model(root / generation, generation, max_shard_bytes=200_000)
+        return built[generation]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("reliability_data_cache")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_rss_growth():
+    """Yields a dict whose ``"mb"`` is, afterwards, how far peak RSS rose above the RSS at entry.
+
+    Linux: the peak (VmHWM) is reset to the current RSS first (``/proc/self/clear_refs`` = 5), so an
+    earlier, higher peak cannot hide an allocation. Elsewhere: the growth of ``ru_maxrss``.
+    """
+    out: dict = {}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = _status_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        yield out
+    finally:
+        peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["mb"] = max(0, (peak or 0) - (base or 0)) / 1024
+
+
+@contextmanager
+def address_space_cap(extra_bytes: int):
+    """Lower RLIMIT_AS to the current address space + ``extra_bytes`` for the block (Linux), so an
+    allocation bomb fails at once (MemoryError / RuntimeError) instead of swapping the machine."""
+    size_kb = _status_kb("VmSize")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if size_kb is None:
+        yield
+        return
+    cap = size_kb * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
