@@ -460,9 +460,15 @@ def _fmt_bytes(n: float) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lines", default=",".join(LINES), help=f"comma-separated, of: {', '.join(LINES)}")
-    p.add_argument("--examples", type=int, default=48, help="training examples per run (one epoch)")
+    p.add_argument("--examples", type=int, default=32, help="training examples per run (one epoch)")
     p.add_argument("--dev-examples", type=int, default=48, help="dev examples for the dev loss")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--lever-rounds",
+        type=int,
+        default=1,
+        help="rounds for the lines other than baseline, glmtune and glmtune+group (which run --rounds times)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--logging-steps", type=int, default=4)
@@ -496,8 +502,11 @@ def main() -> int:
     useful = train_flops(real, labelled)
     collate_ms = collation_times(work, enc, args.batch_size)
     runs: dict[str, list[dict]] = {name: [] for name in lines}
+    headline = ("baseline", "glmtune", "glmtune+group")
     for rnd in range(args.rounds):
         for name in lines:
+            if rnd >= args.lever_rounds and name not in headline:
+                continue
             cmd = [sys.executable, __file__, "--worker", name, "--round", str(rnd)]
             for k in ("examples", "batch_size", "lr", "logging_steps", "threads", "workdir"):
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -569,10 +578,10 @@ def table(summary: dict, args, peak: float, wall: float) -> str:
 
     base = summary.get("baseline")
     head = (
-        "| line | ex/s | target tok/s | peak RSS | final train loss | dev loss | MFU | HFU | padding "
+        "| line | runs | ex/s | target tok/s | peak RSS | final train loss | dev loss | MFU | HFU | padding "
         "| ex/s ÷ baseline | RSS ÷ baseline | dev loss vs baseline |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for name, s in summary.items():
         ratio = rss = dloss = "–"
         if base and name != "baseline":
@@ -580,7 +589,7 @@ def table(summary: dict, args, peak: float, wall: float) -> str:
             rss = f"{s['rss_peak'] / base['rss_peak']:.2f}×"
             dloss = f"{100 * (s['dev_loss'] / base['dev_loss'] - 1):+.2f} %"
         rows.append(
-            f"| {name} | {s['examples_per_s']:.2f} | {s['target_tokens_per_s']:.0f} | {_fmt_bytes(s['rss_peak'])} "
+            f"| {name} | {s['runs']} | {s['examples_per_s']:.2f} | {s['target_tokens_per_s']:.0f} | {_fmt_bytes(s['rss_peak'])} "
             f"| {s['final_train_loss']:.4f} | {s['dev_loss']:.4f} | {100 * s['mfu']:.1f} % | {100 * s['hfu']:.1f} % "
             f"| {100 * s['padding']:.0f} % | {ratio} | {rss} | {dloss} |"
         )
@@ -588,8 +597,9 @@ def table(summary: dict, args, peak: float, wall: float) -> str:
     meta = (
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()} "
         f"({args.threads} threads, float32 matmul peak {peak / 1e9:.1f} GFLOP/s), torch {torch.__version__}; "
-        f"{args.examples} examples per run (batch {args.batch_size}, lr {args.lr}), {args.rounds} rounds "
-        f"interleaved, medians; dev loss on {args.dev_examples} dev examples; whole benchmark {wall / 60:.1f} min."
+        f"{args.examples} examples per run (batch {args.batch_size}, lr {args.lr}); baseline, glmtune and "
+        f"glmtune+group {args.rounds} rounds, the other lines {min(args.lever_rounds, args.rounds)}, interleaved "
+        f"(runs column), medians; dev loss on {args.dev_examples} dev examples; whole benchmark {wall / 60:.1f} min."
     )
     return "\n".join([meta, "", *rows, "", *legend])
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,3 +125,59 @@ def address_space_cap(extra_bytes: int):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ------------------------------------------------------------------------------ kill/resume script
+KILL_RESUME = Path(__file__).with_name("kill_resume.py")
+FAST_KILL_ARGS = (
+    "--kills",
+    "2",
+    "--steps",
+    "4",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "3",
+    "--plan",
+    "eval,save",
+)
+FAST_KILL_TEST = "test_kill_resume.py::test_kill_during_eval_and_checkpoint_write_then_resume"
+
+
+def start_kill_resume(work: Path, model: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """Start kill_resume.py (a process of its own); returns it and where its JSON summary goes."""
+    summary = work / "summary.json"
+    cmd = [sys.executable, str(KILL_RESUME), "--model", str(model), "--workdir", str(work / "work")]
+    proc = subprocess.Popen(
+        [*cmd, "--json", str(summary), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return proc, summary
+
+
+def finish_kill_resume(proc: subprocess.Popen, summary: Path, timeout: float) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"kill_resume.py did not finish in {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    print("\n".join(line for line in stdout.splitlines() if line.startswith(("[figure]", "kill "))))
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads(summary.read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_kill_resume_in_background(request, tiny_model, tmp_path_factory):
+    """The fast kill/resume run is a process of its own, mostly waiting on its training runs: it is
+    started with the session (when its test is selected) so that it overlaps the other tests on a
+    second core; its test then collects the result."""
+    if not any(item.nodeid.endswith(FAST_KILL_TEST) for item in request.session.items):
+        yield None
+        return
+    proc, summary = start_kill_resume(
+        tmp_path_factory.mktemp("kill_resume_fast"), tiny_model("chatglm3"), *FAST_KILL_ARGS
+    )
+    yield proc, summary
+    if proc.poll() is None:  # the session ended first (interrupted): stop what it started
+        proc.kill()
+        proc.communicate()

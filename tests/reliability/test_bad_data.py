@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from glmtune.data import FORMATS, DataError, import_chats, read_examples
@@ -164,6 +164,7 @@ class Tally:
 
     def __init__(self, name: str):
         self.name, self.tried, self.data_errors, self.valid, self.crashes = name, 0, 0, 0, []
+        self.seed = None
 
     def run(self, fn, describe):
         self.tried += 1
@@ -182,6 +183,7 @@ class Tally:
         return (
             f"[figure] {self.name}: {self.tried} cases tried, {len(self.crashes)} crashes "
             f"({self.data_errors} DataError, {self.valid} valid results)"
+            + (f", seed {self.seed}" if self.seed is not None else ", derandomized")
         )
 
 
@@ -198,18 +200,25 @@ def check_valid(result, require_reply: bool) -> None:
     assert all(isinstance(e, DataError) for e in result.skipped)
 
 
-def _settings(n: int):
-    return settings(
+def _settings(n: int, tally: Tally):
+    """The default run is reproducible (derandomized); the long one explores from a fresh seed, which
+    the figure names (RELIABILITY_SEED=<seed> replays it)."""
+    explore = n >= 1000
+    config = settings(
         max_examples=n,
         deadline=None,
         database=None,
-        derandomize=n < 1000,  # the default run is reproducible; the long one explores
+        derandomize=not explore,
         suppress_health_check=[
             HealthCheck.function_scoped_fixture,
             HealthCheck.too_slow,
             HealthCheck.data_too_large,
         ],
     )
+    if not explore:
+        return config
+    tally.seed = int(os.environ.get("RELIABILITY_SEED") or int.from_bytes(os.urandom(4), "big"))
+    return lambda fn: seed(tally.seed)(config(fn))
 
 
 # ------------------------------------------------------------------------------------------- cases
@@ -228,7 +237,7 @@ def fuzz_readers(tmp_path: Path, n: int) -> Tally:
     tally = Tally(f"readers ({', '.join(READER_FORMATS)})")
     path = tmp_path / "data.json"
 
-    @_settings(n)
+    @_settings(n, tally)
     @given(
         data=file_bytes(),
         fmt=st.sampled_from(READER_FORMATS),
@@ -272,7 +281,7 @@ def fuzz_chat_import(tmp_path: Path, n: int) -> Tally:
     tally = Tally("import_chats")
     counter = iter(range(10**9))
 
-    @_settings(n)
+    @_settings(n, tally)
     @given(files=st.lists(chat_file, min_size=0, max_size=3), me=st.sampled_from(["me", "me", None, "A", ""]))
     def case(files, me):
         i = next(counter)

@@ -1,7 +1,8 @@
 """Kill and resume: tests/reliability/kill_resume.py run as a subprocess.
 
 Fast: K=2 kills (one during an evaluation, one while a checkpoint is written) of a 4-step run, the
-runs forked from one launcher. Slow: K=4 kills at mixed moments of a 12-step run, each run started as
+runs forked from one launcher; started with the session by conftest.py (it overlaps the other tests)
+and collected here. Slow: K=4 kills at mixed moments of a 12-step run, each run started as
 ``python -m glmtune.cli train`` the way users run it. Both: the resumed run's final LoRA weights
 equal the uninterrupted run's (max |Δweight| <= 1e-6 on CPU), the logged losses too, and no partial
 checkpoint-<step> folder was ever present (so none could be picked by train.resume=latest).
@@ -9,38 +10,12 @@ checkpoint-<step> folder was ever present (so none could be picked by train.resu
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("kill_resume.py")
-
-
-def kill_resume(tmp_path: Path, model: Path, *args: str, timeout: int) -> dict:
-    out = tmp_path / "summary.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--model",
-            str(model),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--json",
-            str(out),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    figure = [line for line in proc.stdout.splitlines() if line.startswith(("[figure]", "kill "))]
-    print("\n".join(figure))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+from .conftest import FAST_KILL_ARGS, finish_kill_resume, start_kill_resume
 
 
 def check(summary: dict, kills: int) -> None:
@@ -52,13 +27,12 @@ def check(summary: dict, kills: int) -> None:
     assert summary["launches"] == kills + 1
 
 
-def test_kill_during_eval_and_checkpoint_write_then_resume(tiny_model, tmp_path):
-    summary = kill_resume(
-        tmp_path,
-        tiny_model("chatglm3"),
-        *("--kills", "2", "--steps", "4", "--save-every", "2", "--eval-every", "3", "--plan", "eval,save"),
-        timeout=300,
-    )
+def test_kill_during_eval_and_checkpoint_write_then_resume(
+    _fast_kill_resume_in_background, tiny_model, tmp_path
+):
+    started = _fast_kill_resume_in_background
+    proc, summary_path = started or start_kill_resume(tmp_path, tiny_model("chatglm3"), *FAST_KILL_ARGS)
+    summary = finish_kill_resume(proc, summary_path, timeout=300)
     check(summary, 2)
     # The kills landed where they were aimed: inside the evaluation and inside the checkpoint write.
     assert summary["landed"] == {"eval": 1, "checkpoint write": 1}
@@ -66,11 +40,64 @@ def test_kill_during_eval_and_checkpoint_write_then_resume(tiny_model, tmp_path)
 
 @pytest.mark.slow
 def test_kill_resume_many_times_via_the_cli(tiny_model, tmp_path):
-    summary = kill_resume(
+    proc, summary_path = start_kill_resume(
         tmp_path,
         tiny_model("chatglm3"),
         *("--kills", "4", "--steps", "12", "--save-every", "2", "--eval-every", "4", "--plan", "mixed"),
         *("--spawn", "exec", "--seed", "1"),
-        timeout=1800,
     )
-    check(summary, 4)
+    check(finish_kill_resume(proc, summary_path, timeout=1800), 4)
+
+
+class _KilledMidDelete(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+@pytest.mark.slow
+def test_resaving_a_step_never_leaves_it_partial(tiny_model, data_cache, tmp_path, monkeypatch):
+    """train.resume=2 with checkpoint-4 on disk saves checkpoint-4 again. Whatever removes the old one
+    may die half-way (here: a delete that stops after one file): checkpoint-4 must then be either the
+    old complete folder or absent, never a partial one that train.resume=latest would pick."""
+    import shutil
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    import glmtune.train.trainer as trainer_module
+
+    from .conftest import ROWS, run, run_config, write_jsonl
+
+    base = tiny_model("chatglm3")
+    out = tmp_path / "out"
+    raw = run_config(base, out, write_jsonl(tmp_path / "train.jsonl", ROWS[:4]), data_cache, max_steps=4)
+    run(raw)
+    real_rmtree = shutil.rmtree
+
+    def dies_mid_delete(path, *args, **kwargs):
+        path = Path(path)
+        if path.name == "checkpoint-4" and path.parent == out:
+            next(p for p in path.iterdir() if p.is_file()).unlink()
+            raise _KilledMidDelete(path)
+        return real_rmtree(path, *args, **kwargs)
+
+    def dies_on_rename(src, dst):
+        if Path(dst) == out / "checkpoint-4" and Path(src).parent.name == ".staging":
+            raise _KilledMidDelete(dst)
+        return real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(trainer_module.shutil, "rmtree", dies_mid_delete)
+    monkeypatch.setattr(trainer_module.os, "replace", dies_on_rename)
+    with pytest.raises(_KilledMidDelete):
+        run(raw, "train.resume=2")
+    monkeypatch.undo()
+    latest = Path(get_last_checkpoint(str(out)))
+    present = sorted(p.name for p in latest.iterdir())
+    print(f"[figure] re-saving checkpoint-4 killed mid-way: latest is {latest.name} with {present}")
+    for name in (
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.pth",
+    ):
+        assert name in present
