@@ -485,7 +485,7 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
                 raise ModelLoadError(
                     f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} is not known to glmtune or "
                     "transformers; the folder ships its own code (auto_map). Pass --trust-remote-code "
-                    "(trust_remote_code=True) to run it, only if you trust its author."
+                    "(or the trust_remote_code argument) to run it, only if you trust its author."
                 )
         if files:
             # A cheap lower bound first (a million layers would take minutes to build even on the meta
