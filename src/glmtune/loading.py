@@ -198,6 +198,33 @@ def _check_size(config_file: Path, estimate: Callable[[], int], files: list[Path
         )
 
 
+def _tensor_count(files: list[Path]) -> int | None:
+    """How many tensors the weight files hold, from the safetensors headers alone (None: unknown)."""
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for file in files:
+        if file.suffix != ".safetensors":
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                total += len(f.keys())
+        except (SafetensorError, OSError):
+            return None  # the load reports the corrupt file itself
+    return total
+
+
+def _check_layers(config_file: Path, layers: int | None, files: list[Path]) -> None:
+    """Every layer holds at least one weight: more layers than tensors is a config that does not match
+    the weights (and building a million layers, even without memory, would take minutes)."""
+    tensors = _tensor_count(files) if layers else None
+    if tensors is not None and layers > tensors:
+        raise ModelLoadError(
+            f"{config_file}: {layers:,} layers, but the weight files hold only {tensors:,} tensors; "
+            "config.json does not match the weights, refused before building the model"
+        )
+
+
 def _glm_params(config) -> int:
     vocab, hidden, layers, ffn, heads, kv, head_dim = (
         _dim(config, name, required=True)
@@ -240,6 +267,14 @@ def _hf_params(cfg: dict) -> int:
     # A hidden size of 0 must not hide a billion layers: each layer counts for at least one parameter.
     hidden = max(dim("hidden_size", "d_model", "n_embd"), 1)
     return hidden * dim("vocab_size") + dim("num_hidden_layers", "num_layers", "n_layer") * hidden * hidden
+
+
+def _hf_layers(cfg: dict) -> int | None:
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    try:
+        return _dim(cfg, "num_hidden_layers", "num_layers", "n_layer")
+    except ModelLoadError:
+        return None
 
 
 def _hf_meta_params(path: Path, trust_remote_code: bool) -> int:
@@ -352,6 +387,7 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
         raise ModelLoadError(f"{config_file}: cannot build the model from it: {e}") from None
     files = weight_files(path)
     _check_size(config_file, lambda: _glm_params(config), files)
+    _check_layers(config_file, config.num_hidden_layers, files)
     cls = GlmForCausalLM
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
@@ -382,6 +418,7 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
         raise ModelLoadError(f"{config_file}: cannot build the model from it: {e}") from None
     files = weight_files(path)
     _check_size(config_file, lambda: _v1_params(config), files)
+    _check_layers(config_file, config.num_layers, files)
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
     model = _empty_model(ChatGLMv1ForCausalLM, config)
@@ -493,6 +530,7 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
             # allocates a parameter whose shape differs from the checkpoint's before it reports the
             # mismatch, so e.g. num_key_value_heads=10**6 would allocate gigabytes.
             _check_size(path / "config.json", lambda: _hf_params(cfg), files)
+            _check_layers(path / "config.json", _hf_layers(cfg), files)
             _check_size(path / "config.json", lambda: _hf_meta_params(path, trust_remote_code), files)
     from huggingface_hub.errors import StrictDataclassError
 

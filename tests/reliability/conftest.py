@@ -181,3 +181,29 @@ def _fast_kill_resume_in_background(request, tiny_model, tmp_path_factory):
     if proc.poll() is None:  # the session ended first (interrupted): stop what it started
         proc.kill()
         proc.communicate()
+
+
+class CaseTimeout(BaseException):
+    """Raised by :func:`time_limit`; a BaseException so that no ``except Exception`` on the way hides it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Interrupt the block (main thread, POSIX) after ``seconds``: a hang becomes a reported failure."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise CaseTimeout(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from glmtune.data import FORMATS, DataError, import_chats, read_examples
 
+from .conftest import CaseTimeout, time_limit
+
 READER_FORMATS = ("auto", *FORMATS)
 MB = 1 << 20
 
@@ -169,7 +171,11 @@ class Tally:
     def run(self, fn, describe):
         self.tried += 1
         try:
-            result = fn()
+            with time_limit(30):  # a hang (say, a regex gone quadratic on 1 MB) is a crash too
+                result = fn()
+        except CaseTimeout as e:
+            self.crashes.append(f"{describe()}: {e}")
+            raise AssertionError(self.crashes[-1]) from None
         except DataError:
             self.data_errors += 1
             return None
