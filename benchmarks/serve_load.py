@@ -46,9 +46,11 @@ PROMPTS = [
     "水果 蔬菜 电脑 手机 衣服 书籍 酒店 旅游 音乐 电影 体育 新闻 教育 汽车",
 ]
 
-SERVE = ("import argparse, sys; from glmtune.server.commands import register; "
-         "p = argparse.ArgumentParser(); register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); "
-         "sys.exit(a.func(a))")
+SERVE = (
+    "import argparse, sys; from glmtune.server.commands import register; "
+    "p = argparse.ArgumentParser(); register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); "
+    "sys.exit(a.func(a))"
+)
 
 
 @dataclass
@@ -105,11 +107,18 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Result
         return Result(False, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
     latency = time.perf_counter() - t0
     ok = done and finishes == 1 and tokens is not None and not error
-    return Result(ok, latency, ttft if ttft is not None else latency, tokens or 0,
-                  error or ("" if ok else f"incomplete answer (done={done}, finishes={finishes})"))
+    return Result(
+        ok,
+        latency,
+        ttft if ttft is not None else latency,
+        tokens or 0,
+        error or ("" if ok else f"incomplete answer (done={done}, finishes={finishes})"),
+    )
 
 
-async def load(base: str, endpoint: str, concurrency: int, duration: float, max_tokens: int) -> tuple[list, float]:
+async def load(
+    base: str, endpoint: str, concurrency: int, duration: float, max_tokens: int
+) -> tuple[list, float]:
     url = base + ("/v1/completions" if endpoint == "completions" else "/v1/chat/completions")
     results: list[Result] = []
     start = time.perf_counter()
@@ -120,8 +129,12 @@ async def load(base: str, endpoint: str, concurrency: int, duration: float, max_
         while time.perf_counter() < end:
             prompt = PROMPTS[i % len(PROMPTS)]
             i += concurrency
-            body = {"max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             if endpoint == "completions":
                 body["prompt"] = prompt
             else:
@@ -136,9 +149,25 @@ async def load(base: str, endpoint: str, concurrency: int, duration: float, max_
 
 def run_once(model: Path, batch_size: int, args) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-c", SERVE, "serve", str(model), "--port", str(port), "--model-name", "bench",
-           "--max-batch-size", str(batch_size), "--max-queue", str(4 * args.concurrency), "--timeout", "600",
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-c",
+        SERVE,
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--model-name",
+        "bench",
+        "--max-batch-size",
+        str(batch_size),
+        "--max-queue",
+        str(4 * args.concurrency),
+        "--timeout",
+        "600",
+        "--log-level",
+        "warning",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "GLMTUNE_API_KEY"}
     if args.server_threads:
         env["OMP_NUM_THREADS"] = str(args.server_threads)  # torch's intra-op threads in the server
@@ -160,7 +189,9 @@ def run_once(model: Path, batch_size: int, args) -> dict:
         # Warm-up (first calls allocate), not measured.
         asyncio.run(load(base, args.endpoint, min(args.concurrency, batch_size), 0.5, args.max_tokens))
         batches_before = httpx.get(base + "/health").json()["batches"]
-        results, elapsed = asyncio.run(load(base, args.endpoint, args.concurrency, args.duration, args.max_tokens))
+        results, elapsed = asyncio.run(
+            load(base, args.endpoint, args.concurrency, args.duration, args.max_tokens)
+        )
         batches = httpx.get(base + "/health").json()["batches"] - batches_before
     finally:
         proc.terminate()
@@ -172,27 +203,42 @@ def run_once(model: Path, batch_size: int, args) -> dict:
     lost = [r for r in results if not r.ok]
     tokens = sum(r.tokens for r in good)
     return {
-        "max_batch_size": batch_size, "requests": len(results), "lost": len(lost),
-        "lost_examples": sorted({r.error for r in lost})[:3], "elapsed_s": elapsed,
-        "tokens_per_s": tokens / elapsed, "requests_per_s": len(good) / elapsed,
-        "completion_tokens": tokens, "mean_tokens": tokens / max(1, len(good)),
-        "latency_p50": percentile([r.latency for r in good], 50), "latency_p99": percentile([r.latency for r in good], 99),
-        "ttft_p50": percentile([r.ttft for r in good], 50), "ttft_p99": percentile([r.ttft for r in good], 99),
+        "max_batch_size": batch_size,
+        "requests": len(results),
+        "lost": len(lost),
+        "lost_examples": sorted({r.error for r in lost})[:3],
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(good) / elapsed,
+        "completion_tokens": tokens,
+        "mean_tokens": tokens / max(1, len(good)),
+        "latency_p50": percentile([r.latency for r in good], 50),
+        "latency_p99": percentile([r.latency for r in good], 99),
+        "ttft_p50": percentile([r.ttft for r in good], 50),
+        "ttft_p99": percentile([r.ttft for r in good], 99),
         "mean_batch": len(results) / max(1, batches),
     }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="model folder (default: a tiny random ChatGLM3, hidden 256, 4 layers)")
+    p.add_argument(
+        "--model", type=Path, help="model folder (default: a tiny random ChatGLM3, hidden 256, 4 layers)"
+    )
     p.add_argument("--concurrency", type=int, default=16, help="requests kept in flight (default 16)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per run (default 30)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--server-threads", type=int, default=1,
-                   help="OMP_NUM_THREADS of the server (default 1: on a small shared machine, OpenMP threads "
-                   "spinning against the load generator and other processes slow torch down ~10x; 0 = torch's default)")
-    p.add_argument("--batch-sizes", default="8,1", help="max batch sizes to compare, first / second (default 8,1)")
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the server (default 1: on a small shared machine, OpenMP threads "
+        "spinning against the load generator and other processes slow torch down ~10x; 0 = torch's default)",
+    )
+    p.add_argument(
+        "--batch-sizes", default="8,1", help="max batch sizes to compare, first / second (default 8,1)"
+    )
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
 
@@ -202,27 +248,46 @@ def main(argv=None) -> int:
             from glmtune.testing import make_tiny_model
 
             t = time.perf_counter()
-            model = make_tiny_model(Path(tmp) / "bench-chatglm3", "chatglm3", seed=0, hidden=256, layers=4,
-                                    heads=8, kv_heads=4, head_dim=32, ffn=512)
-            print(f"model: tiny random ChatGLM3 (hidden 256, 4 layers) built in {time.perf_counter() - t:.1f} s")
-        print(f"load: {args.concurrency} concurrent streaming requests to /v1/{args.endpoint}, {args.duration:g} s "
-              f"per run, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPU cores, server threads "
-              f"{args.server_threads or 'default'}")
+            model = make_tiny_model(
+                Path(tmp) / "bench-chatglm3",
+                "chatglm3",
+                seed=0,
+                hidden=256,
+                layers=4,
+                heads=8,
+                kv_heads=4,
+                head_dim=32,
+                ffn=512,
+            )
+            print(
+                f"model: tiny random ChatGLM3 (hidden 256, 4 layers) built in {time.perf_counter() - t:.1f} s"
+            )
+        print(
+            f"load: {args.concurrency} concurrent streaming requests to /v1/{args.endpoint}, {args.duration:g} s "
+            f"per run, max_tokens {args.max_tokens}, greedy; {os.cpu_count()} CPU cores, server threads "
+            f"{args.server_threads or 'default'}"
+        )
         runs = [run_once(model, bs, args) for bs in sizes]
 
-    header = (f"{'batch':>5} {'reqs':>5} {'lost':>4} {'tok/s':>8} {'req/s':>7} {'lat p50':>8} {'lat p99':>8} "
-              f"{'ttft p50':>8} {'ttft p99':>8} {'tok/req':>7} {'batch~':>6}")
+    header = (
+        f"{'batch':>5} {'reqs':>5} {'lost':>4} {'tok/s':>8} {'req/s':>7} {'lat p50':>8} {'lat p99':>8} "
+        f"{'ttft p50':>8} {'ttft p99':>8} {'tok/req':>7} {'batch~':>6}"
+    )
     print(header)
     for r in runs:
-        print(f"{r['max_batch_size']:>5} {r['requests']:>5} {r['lost']:>4} {r['tokens_per_s']:>8.1f} "
-              f"{r['requests_per_s']:>7.2f} {r['latency_p50']:>7.2f}s {r['latency_p99']:>7.2f}s "
-              f"{r['ttft_p50']:>7.2f}s {r['ttft_p99']:>7.2f}s {r['mean_tokens']:>7.1f} {r['mean_batch']:>6.2f}")
+        print(
+            f"{r['max_batch_size']:>5} {r['requests']:>5} {r['lost']:>4} {r['tokens_per_s']:>8.1f} "
+            f"{r['requests_per_s']:>7.2f} {r['latency_p50']:>7.2f}s {r['latency_p99']:>7.2f}s "
+            f"{r['ttft_p50']:>7.2f}s {r['ttft_p99']:>7.2f}s {r['mean_tokens']:>7.1f} {r['mean_batch']:>6.2f}"
+        )
         for e in r["lost_examples"]:
             print(f"      lost: {e}")
     if len(runs) >= 2 and runs[1]["tokens_per_s"] > 0:
-        print(f"throughput ratio (max_batch_size {runs[0]['max_batch_size']} / {runs[1]['max_batch_size']}): "
-              f"{runs[0]['tokens_per_s'] / runs[1]['tokens_per_s']:.2f}x tokens/s, "
-              f"{runs[0]['requests_per_s'] / max(runs[1]['requests_per_s'], 1e-9):.2f}x requests/s")
+        print(
+            f"throughput ratio (max_batch_size {runs[0]['max_batch_size']} / {runs[1]['max_batch_size']}): "
+            f"{runs[0]['tokens_per_s'] / runs[1]['tokens_per_s']:.2f}x tokens/s, "
+            f"{runs[0]['requests_per_s'] / max(runs[1]['requests_per_s'], 1e-9):.2f}x requests/s"
+        )
     lost = sum(r["lost"] for r in runs)
     print(f"lost requests: {lost}")
     return 1 if lost else 0

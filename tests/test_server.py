@@ -89,7 +89,10 @@ def client(server):
 def long_prompt(engine):
     """A prompt whose greedy reply runs LONG tokens without a stop token (random models stop anywhere)."""
     for text in CANDIDATES:
-        if engine.generate([user(text)], GenerationSettings(max_new_tokens=LONG))[0].finish_reason == "length":
+        if (
+            engine.generate([user(text)], GenerationSettings(max_new_tokens=LONG))[0].finish_reason
+            == "length"
+        ):
             return text
     pytest.skip("no candidate prompt runs to the length limit with this tiny model")
 
@@ -149,15 +152,24 @@ def test_raw_completions_stream_in_pieces(client, engine):
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
     ids = engine.tokenizer(prompt)["input_ids"]
     assert full.object == "text_completion" and full.usage.prompt_tokens == len(ids)  # no chat template
-    out = engine.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                eos_token_id=engine.stop_ids, pad_token_id=engine.pad_id, do_sample=False,
-                                max_new_tokens=10)[0, len(ids):].tolist()
+    out = engine.model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        eos_token_id=engine.stop_ids,
+        pad_token_id=engine.pad_id,
+        do_sample=False,
+        max_new_tokens=10,
+    )[0, len(ids) :].tolist()
     new = [t for t in out if t != engine.pad_id]
     new = new[: next((i for i, t in enumerate(new) if t in engine.stop_ids), len(new))]
     assert full.usage.completion_tokens == len(new)
     assert full.choices[0].text.strip() == engine.tokenizer.decode(new, skip_special_tokens=True).strip()
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True
+        )
+    ]
     assert "".join(pieces) == full.choices[0].text
     assert sum(1 for p in pieces if p) > 1  # raw text is streamed as it comes
 
@@ -177,7 +189,7 @@ def test_n_choices(client):
 def test_stop_strings(client):
     prompt, kw = "The quick brown fox", dict(model="tiny", max_tokens=12, temperature=0)
     text = client.completions.create(prompt=prompt, **kw).choices[0].text
-    window = next(text[i:i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    window = next(text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i : i + 2])
     cut = text.find(window)
     r = client.completions.create(prompt=prompt, stop=[window, "never-there"], **kw)
     assert r.choices[0].text == text[:cut] and r.choices[0].finish_reason == "stop"
@@ -186,7 +198,7 @@ def test_stop_strings(client):
     assert streamed[-1].choices[0].finish_reason == "stop"
     # Chat: the stop string applies to the reply text.
     reply = client.chat.completions.create(messages=user("你好"), **kw).choices[0].message.content
-    stop = next(reply[i:i + 2] for i in range(2, len(reply) - 2) if "\ufffd" not in reply[i:i + 2])
+    stop = next(reply[i : i + 2] for i in range(2, len(reply) - 2) if "\ufffd" not in reply[i : i + 2])
     r = client.chat.completions.create(messages=user("你好"), stop=stop, **kw)
     assert r.choices[0].message.content == reply[: reply.find(stop)] and r.choices[0].finish_reason == "stop"
 
@@ -208,20 +220,47 @@ def test_penalties_logits_processor():
 
 
 def test_penalties_and_sampling_through_api(client):
-    r = client.chat.completions.create(model="tiny", messages=user("水果"), max_tokens=8, temperature=0.7,
-                                       top_p=0.9, presence_penalty=1.5, frequency_penalty=1.0, seed=3)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=user("水果"),
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=1.5,
+        frequency_penalty=1.0,
+        seed=3,
+    )
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 8
 
 
 def test_chatglm3_tools_and_observation(client, engine):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
-                                               "parameters": {"type": "object", "properties": {}}}}]
-    msgs = [{"role": "user", "content": "北京天气"}, {"role": "assistant", "content": "get_weather()"},
-            {"role": "tool", "content": "{\"temp\": 20}", "tool_call_id": "1"}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "weather of a city",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    msgs = [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": "get_weather()"},
+        {"role": "tool", "content": '{"temp": 20}', "tool_call_id": "1"},
+    ]
     r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, max_tokens=4, temperature=0)
-    sent = [{"role": "system", "content": "Answer the following questions as best as you can. You have access "
-             "to the following tools:", "tools": [tools[0]["function"]]},
-            msgs[0], msgs[1], {"role": "observation", "content": msgs[2]["content"]}]
+    sent = [
+        {
+            "role": "system",
+            "content": "Answer the following questions as best as you can. You have access "
+            "to the following tools:",
+            "tools": [tools[0]["function"]],
+        },
+        msgs[0],
+        msgs[1],
+        {"role": "observation", "content": msgs[2]["content"]},
+    ]
     assert r.usage.prompt_tokens == len(engine.template.encode_prompt(engine.tokenizer, sent))
 
 
@@ -229,15 +268,23 @@ def test_chatglm3_tools_and_observation(client, engine):
 def test_concurrent_requests_are_batched_and_match_single(server, engine):
     prompts = ["你好", "hello world", "机器学习是人工智能的一个分支", "fox", "北京的秋天很美", "code"]
     limits = [8, 12, 6, 10, 12, 9]
-    refs = [engine.generate([user(p)], GenerationSettings(max_new_tokens=m))[0] for p, m in zip(prompts, limits)]
+    refs = [
+        engine.generate([user(p)], GenerationSettings(max_new_tokens=m))[0] for p, m in zip(prompts, limits)
+    ]
     before = server.backend.batches
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         engine.lock.acquire()  # hold the model: every request queues up, then they run batched
         try:
-            tasks = [asyncio.create_task(aclient.chat.completions.create(
-                model="tiny", messages=user(p), max_tokens=m, temperature=0)) for p, m in zip(prompts, limits)]
+            tasks = [
+                asyncio.create_task(
+                    aclient.chat.completions.create(
+                        model="tiny", messages=user(p), max_tokens=m, temperature=0
+                    )
+                )
+                for p, m in zip(prompts, limits)
+            ]
             async with httpx.AsyncClient() as h:
                 for _ in range(1000):
                     s = (await h.get(server.url + "/health")).json()
@@ -251,7 +298,10 @@ def test_concurrent_requests_are_batched_and_match_single(server, engine):
     results = asyncio.run(main())
     for r, ref in zip(results, refs):
         assert r.choices[0].message.content == ref.text
-        assert r.usage.completion_tokens == len(ref.token_ids) and r.choices[0].finish_reason == ref.finish_reason
+        assert (
+            r.usage.completion_tokens == len(ref.token_ids)
+            and r.choices[0].finish_reason == ref.finish_reason
+        )
     assert server.backend.batches - before <= 2  # the first taken batch, then all the others at once
 
 
@@ -271,16 +321,22 @@ def test_auth(server):
 
 def test_bad_requests(server, client):
     url, auth = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
-    bad = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers={**auth, "Content-Type": "application/json"})
+    bad = httpx.post(
+        url, content=b'{"model": "tiny", "messages": [', headers={**auth, "Content-Type": "application/json"}
+    )
     assert assert_openai_error(bad, 400)["code"] == "invalid_json"
     err = assert_openai_error(httpx.post(url, json={"model": "tiny", "messages": "hi"}, headers=auth), 422)
     assert "messages" in err["message"]
     assert_openai_error(httpx.post(url, json={"messages": user("hi"), "temperature": 5}, headers=auth), 422)
-    assert_openai_error(httpx.post(url, json={"messages": [{"role": "robot", "content": "x"}]}, headers=auth), 422)
+    assert_openai_error(
+        httpx.post(url, json={"messages": [{"role": "robot", "content": "x"}]}, headers=auth), 422
+    )
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4", messages=user("hi"), max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
-    err = assert_openai_error(httpx.post(url, json={"messages": user("hi"), "logprobs": True}, headers=auth), 400)
+    err = assert_openai_error(
+        httpx.post(url, json={"messages": user("hi"), "logprobs": True}, headers=auth), 400
+    )
     assert "logprobs" in err["message"]
 
 
@@ -349,8 +405,11 @@ def test_client_disconnect_frees_the_slot(slow, long_prompt):
     wait_for(lambda: health(slow)["running"] == 0, timeout=3.0, what="the disconnected request to stop")
     assert time.monotonic() - closed < 3.0  # the full answer would take >= LONG x 20 ms = 4 s
     t = time.monotonic()
-    r = httpx.post(slow.url + "/v1/chat/completions", timeout=30,
-                   json={"messages": user("hi"), "max_tokens": 3, "temperature": 0})
+    r = httpx.post(
+        slow.url + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": user("hi"), "max_tokens": 3, "temperature": 0},
+    )
     assert r.status_code == 200 and time.monotonic() - t < 3.0
     state = health(slow)
     assert state["queue_depth"] == 0 and state["running"] == 0
@@ -396,8 +455,10 @@ def test_queue_full_gives_503(slow):
 
 
 # ------------------------------------------------------------------------------ vLLM, command
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vLLM is not installed (it needs Linux + CUDA); the vllm backend is untested here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (it needs Linux + CUDA); the vllm backend is untested here",
+)
 def test_vllm_backend(tiny):  # pragma: no cover - needs vLLM and a GPU
     backend = build_backend(tiny, backend="vllm", max_batch_size=4, max_queue=4)
     srv = ServerThread(create_app(backend, model_name="tiny"))
@@ -424,7 +485,13 @@ def test_serve_command(tiny, monkeypatch):
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", str(tiny)])
     assert (args.host, args.port, args.max_batch_size, args.max_queue, args.timeout, args.backend) == (
-        "127.0.0.1", 8000, 8, 64, 120.0, "native")
+        "127.0.0.1",
+        8000,
+        8,
+        64,
+        120.0,
+        "native",
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", str(tiny), "--max-batch-size", "0"])
     # The command itself (key from the environment), with uvicorn.run swapped for a background server.
@@ -436,12 +503,19 @@ def test_serve_command(tiny, monkeypatch):
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.setenv("GLMTUNE_API_KEY", "env-key")
-    args = parser.parse_args(["serve", str(tiny), "--port", "8123", "--model-name", "cli-tiny", "--max-queue", "3"])
+    args = parser.parse_args(
+        ["serve", str(tiny), "--port", "8123", "--model-name", "cli-tiny", "--max-queue", "3"]
+    )
     assert args.func(args) == 0
     srv = started["srv"]
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="env-key", max_retries=0, timeout=30)
-        assert c.chat.completions.create(model="cli-tiny", messages=user("hi"), max_tokens=2).usage.completion_tokens <= 2
+        assert (
+            c.chat.completions.create(
+                model="cli-tiny", messages=user("hi"), max_tokens=2
+            ).usage.completion_tokens
+            <= 2
+        )
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert health(srv)["max_queue"] == 3
     finally:

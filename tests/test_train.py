@@ -545,7 +545,9 @@ def test_qlora_trains_on_a_quantized_base(bits, models, data_cache, tmp_path):
     raw["model"].update(quantization=bits, dtype="bfloat16")
     raw["train"]["precision"] = "bf16"
     summary = train(load_config(raw), printer=lambda *a, **k: None)
-    history = json.loads((tmp_path / "out" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((tmp_path / "out" / "checkpoint-6" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0]
     assert (Path(summary["output"]) / "adapter_model.safetensors").exists()

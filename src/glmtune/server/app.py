@@ -32,24 +32,52 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
-TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 503: "server_overloaded", 504: "timeout_error"}
+TOOLS_SYSTEM_PROMPT = (
+    "Answer the following questions as best as you can. You have access to the following tools:"
+)
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "server_overloaded",
+    504: "timeout_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or _TYPES.get(status, "server_error")
 
 
-def error_response(status: int, message: str, type: str | None = None, code: str | None = None,
-                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type or _TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+def error_response(
+    status: int,
+    message: str,
+    type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": type or _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -69,7 +97,10 @@ class _Guard:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if not auth:
-                msg, code = "Missing API key: send it as the header 'Authorization: Bearer KEY'.", "missing_api_key"
+                msg, code = (
+                    "Missing API key: send it as the header 'Authorization: Bearer KEY'.",
+                    "missing_api_key",
+                )
             elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
                 msg, code = "Incorrect API key provided.", "invalid_api_key"
             else:
@@ -99,8 +130,11 @@ class _SSEResponse(StreamingResponse):
     """A stream that cancels its jobs however it ends (finished, client gone, never started)."""
 
     def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -121,8 +155,14 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(backend, *, model_name: str, api_key: str | None = None, timeout: float = 120.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(
+    backend,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> FastAPI:
     """The ASGI app serving ``backend`` under ``model_name``; closes the backend on shutdown."""
     ctx = _Ctx(backend, model_name, timeout)
 
@@ -142,8 +182,12 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, timeout:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
-                              headers=getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            code=codes.get(exc.status_code),
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -167,8 +211,13 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, timeout:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "backend": backend.name,
-                "context_length": backend.context_length, **backend.stats()}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "backend": backend.name,
+            "context_length": backend.context_length,
+            **backend.stats(),
+        }
 
     def _model_card():
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "glmtune"}
@@ -191,10 +240,12 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, timeout:
         try:
             prompt = backend.encode_chat(messages)
         except (ValueError, KeyError, TypeError) as e:
-            raise APIError(400, f"The messages cannot be encoded with this model's chat template: {e}",
-                           param="messages") from None
-        max_tokens = _budget(backend.context_length, len(prompt), body.max_completion_tokens or body.max_tokens,
-                             "messages")
+            raise APIError(
+                400, f"The messages cannot be encoded with this model's chat template: {e}", param="messages"
+            ) from None
+        max_tokens = _budget(
+            backend.context_length, len(prompt), body.max_completion_tokens or body.max_tokens, "messages"
+        )
         jobs = [_job(body, prompt, max_tokens, asyncio.Queue(), chat=True, timeout=timeout)]
         return await _respond(ctx, request, jobs, body, chat=True)
 
@@ -208,7 +259,9 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, timeout:
         for i, text in enumerate(prompts):
             ids = backend.encode_text(text)
             max_tokens = _budget(backend.context_length, len(ids), body.max_tokens or 16, "prompt")
-            jobs.append(_job(body, ids, max_tokens, events, chat=False, timeout=timeout, index_base=i * body.n))
+            jobs.append(
+                _job(body, ids, max_tokens, events, chat=False, timeout=timeout, index_base=i * body.n)
+            )
         return await _respond(ctx, request, jobs, body, chat=False)
 
     return app
@@ -217,8 +270,12 @@ def create_app(backend, *, model_name: str, api_key: str | None = None, timeout:
 # --------------------------------------------------------------------------------------- helpers
 def _check_model(ctx: _Ctx, name: str | None) -> None:
     if name is not None and name != ctx.model_name:
-        raise APIError(404, f"The model `{name}` does not exist: this server serves `{ctx.model_name}`.",
-                       code="model_not_found", param="model")
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{ctx.model_name}`.",
+            code="model_not_found",
+            param="model",
+        )
 
 
 def _messages(body: ChatCompletionRequest, template) -> list[dict]:
@@ -226,7 +283,10 @@ def _messages(body: ChatCompletionRequest, template) -> list[dict]:
 
     out = []
     for m in body.messages:
-        msg = {"role": {"developer": "system", "tool": "observation"}.get(m.role, m.role), "content": m.text()}
+        msg = {
+            "role": {"developer": "system", "tool": "observation"}.get(m.role, m.role),
+            "content": m.text(),
+        }
         if m.metadata:
             msg["metadata"] = m.metadata
         if m.tools:
@@ -237,8 +297,11 @@ def _messages(body: ChatCompletionRequest, template) -> list[dict]:
     if tools_used and not role_tokens:
         raise APIError(400, "tools are only supported for ChatGLM3 / GLM-4 models", param="tools")
     if any(m["role"] == "observation" for m in out) and not role_tokens and template.name != "hf":
-        raise APIError(400, f"tool / observation messages are not supported by the {template.name} template",
-                       param="messages")
+        raise APIError(
+            400,
+            f"tool / observation messages are not supported by the {template.name} template",
+            param="messages",
+        )
     if body.tools:
         functions = [t.get("function", t) if isinstance(t, dict) else t for t in body.tools]
         if out[0]["role"] == "system":
@@ -253,24 +316,53 @@ def _budget(context: int, prompt_tokens: int, requested: int | None, what: str) 
     if requested is None:
         requested = context - prompt_tokens
         if requested <= 0:
-            raise APIError(400, f"The prompt is too long: this model's maximum context length is {context} "
-                           f"tokens and the {what} take {prompt_tokens} tokens.",
-                           code="context_length_exceeded", param=what)
+            raise APIError(
+                400,
+                f"The prompt is too long: this model's maximum context length is {context} "
+                f"tokens and the {what} take {prompt_tokens} tokens.",
+                code="context_length_exceeded",
+                param=what,
+            )
     if prompt_tokens + requested > context:
-        raise APIError(400, f"The prompt is too long: this model's maximum context length is {context} tokens, "
-                       f"but you requested {prompt_tokens + requested} tokens ({prompt_tokens} in the {what}, "
-                       f"{requested} in the completion). Reduce the length of the {what} or max_tokens.",
-                       code="context_length_exceeded", param=what)
+        raise APIError(
+            400,
+            f"The prompt is too long: this model's maximum context length is {context} tokens, "
+            f"but you requested {prompt_tokens + requested} tokens ({prompt_tokens} in the {what}, "
+            f"{requested} in the completion). Reduce the length of the {what} or max_tokens.",
+            code="context_length_exceeded",
+            param=what,
+        )
     return requested
 
 
-def _job(body, prompt: list[int], max_tokens: int, events: asyncio.Queue, *, chat: bool, timeout: float,
-         index_base: int = 0) -> Job:
+def _job(
+    body,
+    prompt: list[int],
+    max_tokens: int,
+    events: asyncio.Queue,
+    *,
+    chat: bool,
+    timeout: float,
+    index_base: int = 0,
+) -> Job:
     loop = asyncio.get_running_loop()
-    return Job(prompt_ids=prompt, max_tokens=max_tokens, loop=loop, events=events, n=body.n,
-               temperature=body.temperature, top_p=body.top_p, presence_penalty=body.presence_penalty,
-               frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stops(), stream=body.stream,
-               chat=chat, deadline=time.monotonic() + timeout, index_base=index_base)
+    return Job(
+        prompt_ids=prompt,
+        max_tokens=max_tokens,
+        loop=loop,
+        events=events,
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=body.stops(),
+        stream=body.stream,
+        chat=chat,
+        deadline=time.monotonic() + timeout,
+        index_base=index_base,
+    )
 
 
 class _Events:
@@ -319,7 +411,9 @@ async def _respond(ctx: _Ctx, request: Request, jobs: list[Job], body, *, chat: 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSEResponse(_stream(ctx, jobs, total, prompt_tokens, rid, created, chat, include_usage), cancel_all)
+        return _SSEResponse(
+            _stream(ctx, jobs, total, prompt_tokens, rid, created, chat, include_usage), cancel_all
+        )
 
     done: dict[int, Done] = {}
     events = _Events(jobs[0].events)
@@ -343,28 +437,54 @@ async def _respond(ctx: _Ctx, request: Request, jobs: list[Job], body, *, chat: 
     for i in sorted(done):
         d = done[i]
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": d.text},
-                            "logprobs": None, "finish_reason": d.finish_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": d.text},
+                    "logprobs": None,
+                    "finish_reason": d.finish_reason,
+                }
+            )
         else:
             choices.append({"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
     completion_tokens = sum(d.completion_tokens for d in done.values())
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": ctx.model_name, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
-async def _stream(ctx: _Ctx, jobs: list[Job], total: int, prompt_tokens: int, rid: str, created: int,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    ctx: _Ctx,
+    jobs: list[Job],
+    total: int,
+    prompt_tokens: int,
+    rid: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, content: str | None = None, finish: str | None = None, role: bool = False) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+            delta = (
+                {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+            )
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish}
-        return _sse({"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [choice]})
+        return _sse(
+            {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [choice]}
+        )
 
     if chat:
         for i in range(total):
@@ -388,32 +508,64 @@ async def _stream(ctx: _Ctx, jobs: list[Job], total: int, prompt_tokens: int, ri
     finally:
         events.close()
     if include_usage and finished == total:
-        yield _sse({"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}})
+        yield _sse(
+            {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": ctx.model_name,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
     yield "data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------------------------- running it
-def build_backend(model, *, backend: str = "native", adapter=None, dtype: str = "float32", device: str = "cpu",
-                  trust_remote_code: bool = False, max_batch_size: int = 8, max_queue: int = 64):
+def build_backend(
+    model,
+    *,
+    backend: str = "native",
+    adapter=None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+):
     if backend == "vllm":
         from .vllm_backend import VLLMBackend
 
         if adapter is not None:
             from ..errors import ConfigError
 
-            raise ConfigError("--backend vllm serves merged models: run `glmtune export RUN --out DIR` first, "
-                              "then serve DIR (without --adapter)")
-        return VLLMBackend(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                           max_batch_size=max_batch_size, max_queue=max_queue)
+            raise ConfigError(
+                "--backend vllm serves merged models: run `glmtune export RUN --out DIR` first, "
+                "then serve DIR (without --adapter)"
+            )
+        return VLLMBackend(
+            model,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+        )
     import torch
 
     from ..inference import Engine
     from .native import NativeBackend
 
-    engine = Engine.from_path(model, adapter=adapter, dtype=getattr(torch, dtype), device=device,
-                              trust_remote_code=trust_remote_code)
+    engine = Engine.from_path(
+        model,
+        adapter=adapter,
+        dtype=getattr(torch, dtype),
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     return NativeBackend(engine, max_batch_size=max_batch_size, max_queue=max_queue)
 
 
@@ -429,8 +581,9 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, name="glmtune-uvicorn", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -447,21 +600,49 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
-def serve(model, *, adapter=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 8, max_queue: int = 64, timeout: float = 120.0, model_name: str | None = None,
-          backend: str = "native", dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-          max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "info") -> None:
+def serve(
+    model,
+    *,
+    adapter=None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    timeout: float = 120.0,
+    model_name: str | None = None,
+    backend: str = "native",
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    log_level: str = "info",
+) -> None:
     """Load the model and serve it until interrupted (``glmtune serve``)."""
     import uvicorn
 
     api_key = api_key or os.environ.get("GLMTUNE_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
-                    "(set --api-key or GLMTUNE_API_KEY)", host)
-    be = build_backend(model, backend=backend, adapter=adapter, dtype=dtype, device=device,
-                       trust_remote_code=trust_remote_code, max_batch_size=max_batch_size, max_queue=max_queue)
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this port can use the model "
+            "(set --api-key or GLMTUNE_API_KEY)",
+            host,
+        )
+    be = build_backend(
+        model,
+        backend=backend,
+        adapter=adapter,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+    )
     name = model_name or default_model_name(model, adapter)
     app = create_app(be, model_name=name, api_key=api_key, timeout=timeout, max_body_bytes=max_body_bytes)
-    print(f"glmtune serve: {name} ({be.name} backend, context {be.context_length}) on http://{host}:{port}/v1"
-          + (" (API key required)" if api_key else ""), flush=True)
+    print(
+        f"glmtune serve: {name} ({be.name} backend, context {be.context_length}) on http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else ""),
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

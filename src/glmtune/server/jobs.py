@@ -104,8 +104,14 @@ def _holdback(text: str, stops: list[str]) -> int:
 class Row:
     """The text of one answer, built token by token (see the module docstring)."""
 
-    def __init__(self, job: Job, index: int, decode: Callable[[list[int]], str],
-                 clean: Callable[[str, bool], str], stop_ids: set[int]):
+    def __init__(
+        self,
+        job: Job,
+        index: int,
+        decode: Callable[[list[int]], str],
+        clean: Callable[[str, bool], str],
+        stop_ids: set[int],
+    ):
         self.job = job
         self.index = index  # choice index in the response
         self._decode = decode  # token ids -> raw text
@@ -136,7 +142,7 @@ class Row:
             if self.job.stream:
                 safe = text[: len(text) - _holdback(text, self.job.stop)]
                 if safe.startswith(self.emitted) and len(safe) > len(self.emitted):
-                    self.job.emit(Delta(self.index, safe[len(self.emitted):]))
+                    self.job.emit(Delta(self.index, safe[len(self.emitted) :]))
                     self.emitted = safe
         if len(self.ids) >= self.job.max_tokens:
             self.finish("length")
@@ -159,7 +165,7 @@ class Row:
                 text, reason = text[:cut], "stop"
         if self.job.stream and len(text) > len(self.emitted):
             # `text` extends what was sent (the pieces were prefixes of it); never resend sent text.
-            self.job.emit(Delta(self.index, text[len(self.emitted):]))
+            self.job.emit(Delta(self.index, text[len(self.emitted) :]))
         self.job.emit(Done(self.index, text, reason, len(self.ids)))
 
 
@@ -169,6 +175,7 @@ def text_functions(tokenizer, template, job: Job, *, chat: bool):
     from ..templates import RoleTokenTemplate
 
     if chat:
+
         def decode(ids):
             return tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -189,6 +196,6 @@ def text_functions(tokenizer, template, job: Job, *, chat: bool):
 
     def decode_raw(ids):
         full = tokenizer.decode(context + ids, skip_special_tokens=True)
-        return full[len(head):] if full.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
+        return full[len(head) :] if full.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
 
     return decode_raw, lambda raw, final: raw

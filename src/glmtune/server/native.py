@@ -55,9 +55,15 @@ class RowSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float()
         if self.penalize and input_ids.shape[1] > self.width:
-            generated = input_ids[:, self.width:]
-            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-            scores = scores - counts * self.frequency[:, None] - (counts > 0).to(scores.dtype) * self.presence[:, None]
+            generated = input_ids[:, self.width :]
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, generated, torch.ones_like(generated, dtype=scores.dtype)
+            )
+            scores = (
+                scores
+                - counts * self.frequency[:, None]
+                - (counts > 0).to(scores.dtype) * self.presence[:, None]
+            )
         if not self.sampled:
             return scores
         rows = torch.tensor(self.sampled, device=scores.device)
@@ -111,8 +117,9 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, engine: Engine, *, max_batch_size: int = 8, max_queue: int = 64,
-                 gather_ms: float = 8.0):
+    def __init__(
+        self, engine: Engine, *, max_batch_size: int = 8, max_queue: int = 64, gather_ms: float = 8.0
+    ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
         self.engine = engine
@@ -158,8 +165,13 @@ class NativeBackend:
                 pass
 
     def stats(self) -> dict:
-        return {"queue_depth": len(self._pending), "running": self.running, "max_queue": self.max_queue,
-                "max_batch_size": self.max_batch_size, "batches": self.batches}
+        return {
+            "queue_depth": len(self._pending),
+            "running": self.running,
+            "max_queue": self.max_queue,
+            "max_batch_size": self.max_batch_size,
+            "batches": self.batches,
+        }
 
     def close(self) -> None:
         with self._cond:
@@ -230,16 +242,22 @@ class NativeBackend:
         ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, j in enumerate(jobs):  # left padding, as Engine.generate does
-            ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[i, width - len(j.prompt_ids):] = 1
+            ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[i, width - len(j.prompt_ids) :] = 1
         device = engine.device
         ids, mask = ids.to(device), mask.to(device)
         kwargs = GenerationSettings(max_new_tokens=max(j.max_tokens for j in jobs), temperature=0).to_kwargs()
         if any(j.penalized or not j.greedy for j in jobs):
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler(jobs, width, device)])
         with engine.lock:
-            engine.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=engine.stop_ids,
-                                  pad_token_id=engine.pad_id, streamer=BatchStreamer(rows),
-                                  stopping_criteria=StoppingCriteriaList([RowStopper(rows, width)]), **kwargs)
+            engine.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                eos_token_id=engine.stop_ids,
+                pad_token_id=engine.pad_id,
+                streamer=BatchStreamer(rows),
+                stopping_criteria=StoppingCriteriaList([RowStopper(rows, width)]),
+                **kwargs,
+            )
         for r in rows:  # generate ended: whatever is still open reached the batch's length limit
             r.finish("cancelled" if r.job.expired() else "length")

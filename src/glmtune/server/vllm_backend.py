@@ -33,8 +33,15 @@ def _import_vllm():
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model_dir, *, dtype: str = "auto", trust_remote_code: bool = False,
-                 max_batch_size: int = 64, max_queue: int = 256):
+    def __init__(
+        self,
+        model_dir,
+        *,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_batch_size: int = 64,
+        max_queue: int = 256,
+    ):
         from ..loading import load_tokenizer
         from ..specs import spec_for
 
@@ -42,16 +49,24 @@ class VLLMBackend:
         self._SamplingParams = SamplingParams
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
-            raise ConfigError(f"{model_dir}: --backend vllm needs a model folder (export one with glmtune export)")
+            raise ConfigError(
+                f"{model_dir}: --backend vllm needs a model folder (export one with glmtune export)"
+            )
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         self.template = spec_for(model_dir).template
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         self.context_length = _context_length(model_dir)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=str(model_dir), dtype="auto" if dtype == "float32" else dtype,
-            trust_remote_code=trust_remote_code, max_num_seqs=max_batch_size, max_model_len=self.context_length))
+        self.engine = AsyncLLMEngine.from_engine_args(
+            AsyncEngineArgs(
+                model=str(model_dir),
+                dtype="auto" if dtype == "float32" else dtype,
+                trust_remote_code=trust_remote_code,
+                max_num_seqs=max_batch_size,
+                max_model_len=self.context_length,
+            )
+        )
         self._ids = itertools.count()
         self._tasks: dict[int, asyncio.Task] = {}
 
@@ -73,8 +88,12 @@ class VLLMBackend:
 
     def stats(self) -> dict:
         n = len(self._tasks)  # vLLM schedules them itself: running / waiting are estimates
-        return {"queue_depth": max(0, n - self.max_batch_size), "running": min(n, self.max_batch_size),
-                "max_queue": self.max_queue, "max_batch_size": self.max_batch_size}
+        return {
+            "queue_depth": max(0, n - self.max_batch_size),
+            "running": min(n, self.max_batch_size),
+            "max_queue": self.max_queue,
+            "max_batch_size": self.max_batch_size,
+        }
 
     def close(self) -> None:
         shutdown = getattr(self.engine, "shutdown", None)
@@ -84,9 +103,16 @@ class VLLMBackend:
     async def _run(self, job: Job) -> None:
         request_id = f"glmtune-{next(self._ids)}"
         params = self._SamplingParams(
-            n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens, seed=job.seed,
-            presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
-            stop_token_ids=list(self.stop_ids), skip_special_tokens=True)
+            n=job.n,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            max_tokens=job.max_tokens,
+            seed=job.seed,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            stop_token_ids=list(self.stop_ids),
+            skip_special_tokens=True,
+        )
         decode, clean = text_functions(self.tokenizer, self.template, job, chat=job.chat)
         rows = [Row(job, job.index_base + i, decode, clean, set(self.stop_ids)) for i in range(job.n)]
         seen = [0] * job.n
@@ -95,7 +121,7 @@ class VLLMBackend:
             async for out in self.engine.generate({"prompt_token_ids": job.prompt_ids}, params, request_id):
                 for comp in out.outputs:
                     row, ids = rows[comp.index], list(comp.token_ids)  # cumulative ids of that answer
-                    for t in ids[seen[comp.index]:]:
+                    for t in ids[seen[comp.index] :]:
                         row.push(int(t))
                     seen[comp.index] = len(ids)
                     if comp.finish_reason is not None:
