@@ -338,6 +338,18 @@ def test_bad_requests(server, client):
         httpx.post(url, json={"messages": user("hi"), "logprobs": True}, headers=auth), 400
     )
     assert "logprobs" in err["message"]
+    # JSON can carry an unpaired surrogate ("\\ud800"); no tokenizer encodes it: a 400 naming the field.
+    body = json.dumps({"messages": user("ok \ud800 no")}).encode()
+    err = assert_openai_error(
+        httpx.post(url, content=body, headers={**auth, "Content-Type": "application/json"}), 400
+    )
+    assert err["param"] == "messages[0].content" and "U+D800" in err["message"]
+    body = json.dumps({"prompt": ["fine", "bad \udfff"], "max_tokens": 2}).encode()
+    raw = server.url + "/v1/completions"
+    err = assert_openai_error(
+        httpx.post(raw, content=body, headers={**auth, "Content-Type": "application/json"}), 400
+    )
+    assert err["param"] == "prompt[1]"
 
 
 def test_prompt_too_long(server, client, engine):

@@ -6,11 +6,16 @@ Public API (stable): :func:`load_tokenizer`, :func:`load_model`, :func:`get_temp
 from __future__ import annotations
 
 import os
+import warnings
 
 from .errors import ConfigError, GlmtuneError, ModelLoadError
 from .loading import load_model, load_tokenizer
 from .specs import REGISTRY, ModelSpec, detect_generation, spec_for
 from .templates import IGNORE_INDEX, Template
+
+# peft reads transformers' deprecated ``is_gradient_checkpointing`` property each time it wraps a model
+# (training and adapter loading alike): a FutureWarning our users can do nothing about, so it is hidden.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
 

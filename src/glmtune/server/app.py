@@ -234,6 +234,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(ctx, body.model)
+        _check_text(body.model_dump(exclude_none=True))
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         messages = _messages(body, backend.template)
@@ -252,6 +253,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(ctx, body.model)
+        _check_text(body.model_dump(exclude_none=True))
         if body.logprobs is not None or body.echo or body.suffix:
             raise APIError(400, "logprobs, echo and suffix are not supported by this server")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -276,6 +278,27 @@ def _check_model(ctx: _Ctx, name: str | None) -> None:
             code="model_not_found",
             param="model",
         )
+
+
+def _check_text(value, where: str = "") -> None:
+    """400 for an unpaired surrogate (JSON lets a client send "\\ud800"; no tokenizer can encode it,
+    it is not a character), naming the field, instead of a tokenizer's RuntimeError (500)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(
+                400,
+                f"{where}: unpaired UTF-16 surrogate U+{ord(value[e.start]):04X} at character {e.start}; "
+                "send text as valid Unicode",
+                param=where,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
 
 
 def _messages(body: ChatCompletionRequest, template) -> list[dict]:

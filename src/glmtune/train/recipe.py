@@ -94,8 +94,15 @@ def _datasets(cfg: RunConfig, model_dir: Path):
     return train, evals, reports
 
 
-def _training_arguments(cfg: RunConfig, has_eval: bool):
+def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non_padding"):
+    """``count_tokens``: how the Trainer counts tokens seen ("non_padding" needs an attention_mask)."""
+    import dataclasses
+
     from transformers import TrainingArguments
+
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
     t = cfg.train
     eval_steps = t.eval_steps or t.save_steps
@@ -113,8 +120,10 @@ def _training_arguments(cfg: RunConfig, has_eval: bool):
         lr_scheduler_type=t.lr_scheduler,
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **{
+            ckpt: t.gradient_checkpointing,
+            f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        },
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         seed=t.seed,
@@ -129,7 +138,7 @@ def _training_arguments(cfg: RunConfig, has_eval: bool):
         deepspeed=t.deepspeed,
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen=count_tokens,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",
         disable_tqdm=True,
@@ -222,7 +231,10 @@ def train(cfg: RunConfig, printer=print) -> dict:
         collator = DataCollator(pad_id)
     # TensorBoard event files go to <output_dir>/tensorboard (transformers 5 takes the folder from the env).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    args = _training_arguments(cfg, eval_set is not None)
+    # Padding-free and packed batches carry no attention_mask: their tokens are all counted (exact for
+    # padding-free rows; packed rows add their short per-batch padding).
+    count = "non_padding" if isinstance(collator, DataCollator) else "all"
+    args = _training_arguments(cfg, eval_set is not None, count)
     base_config = _official_base_config(model_path)
     best = BestAndPlotCallback()
 

@@ -16,6 +16,7 @@ Nothing here imports Gradio: the UI in :mod:`glmtune.web.app` is a thin layer ov
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -355,6 +356,15 @@ class LabelStore:
             )
 
     # ---------------------------------------------------------------- writing
+    def _write(self, rows: list[dict]) -> None:
+        """Rewrite the file atomically; called under :func:`file_lock`.
+
+        Every store writer holds the lock while its temporary file exists, so a ``.NAME.*.tmp`` found
+        here belongs to a writer that died mid-write (SIGKILL, power loss): it is swept."""
+        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        write_jsonl_atomic(self.path, rows)
+
     def append(self, instruction: str, input: str, output: str, fmt: str | None = None) -> int:
         """Validate and append one row; returns its row number."""
         fmt = fmt or self.current_format()
@@ -363,7 +373,7 @@ class LabelStore:
             rows = self.rows()
             self._check_format(fmt, rows)
             rows.append(row)
-            write_jsonl_atomic(self.path, rows)
+            self._write(rows)
             return len(rows)
 
     def update(
@@ -385,7 +395,7 @@ class LabelStore:
             # A file of one row may switch format with it; otherwise the other rows decide.
             self._check_format(fmt, rows[:i] + rows[i + 1 :])
             rows[i] = row
-            write_jsonl_atomic(self.path, rows)
+            self._write(rows)
             return row
 
     def delete(self, number: int, expected: str | None = None) -> dict:
@@ -395,7 +405,7 @@ class LabelStore:
             i = self._index(number, rows)
             self._check_expected(i + 1, rows[i], expected)
             row = rows.pop(i)
-            write_jsonl_atomic(self.path, rows)
+            self._write(rows)
             return row
 
 
