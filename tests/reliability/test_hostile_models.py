@@ -223,6 +223,16 @@ def test_config_fuzz_only_model_load_error_long(folders, tmp_path):
     _report_config_fuzz(fuzz_config(folders, tmp_path, 600, derandomize=False))
 
 
+def test_config_that_does_not_match_the_weights_is_refused(folders, tmp_path):
+    """A config whose shapes differ from the weights' (head_dim changed: q_proj [64, 64] in the file,
+    [16, 64] in the model) is refused with a message naming config.json, not transformers' bare "you
+    set ignore_mismatched_sizes to False"."""
+    folder = copy(folders("hf"), tmp_path / "hf")
+    edit_config(folder, head_dim=4)
+    with pytest.raises(ModelLoadError, match=r"config\.json: does not match the weights"):
+        glmtune.load_model(folder)
+
+
 # ------------------------------------------------------------------------------- remote code (.py)
 def _evil_code(folder: Path, marker: Path, stem: str) -> None:
     code = f"open({str(marker)!r}, 'a').write({stem!r} + '\\n')\nraise SystemExit('imported {stem}')\n"
