@@ -14,15 +14,9 @@ import pytest
 from glmtune.config import load_config
 from glmtune.testing import make_tiny_model
 
-# Distinct rows (so data order and dropout RNG matter to the result) in the context/target format.
-ROWS = [
-    {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手，可以回答问题、写作和翻译。"},
-    {"context": "Hello world!", "target": "The quick brown fox jumps over the lazy dog."},
-    {"context": "今天天气不错。", "target": "我们去公园散步吧。北京的秋天很美。"},
-    {"context": "Instruction: classify the comment.", "target": "the apples are fresh and sweet."},
-    {"context": "机器学习是什么？", "target": "机器学习是人工智能的一个分支。"},
-    {"context": "def add(a, b):", "target": "return a + b"},
-]
+# Distinct rows (so data order and dropout RNG matter to the result) in the context/target format;
+# the kill/resume script (a standalone script, no pytest) holds them.
+from .kill_resume import ROWS  # noqa: F401 - re-exported to the test files
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+from glmtune.web.testing import free_port  # noqa: E402
 
 KEY = "reliability-key"
 MAX_BODY = 1 << 20
@@ -76,12 +77,6 @@ MALFORMED = [
     b'{"prompt": {"nested": [1, 2, {"deep": null}]}}',
     b"\xff\xfe\x00garbage",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
