@@ -7,12 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import add_loading_args, model_path
 from .errors import GlmtuneError
-from .loading import embedded_model_path
-
-
-def _model_arg(value: str) -> Path:
-    return embedded_model_path() if value == "default" else Path(value)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -22,17 +18,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=_model_arg, help="model folder or .gguf file ('default' = embedded SmolLM2)")
+    p.add_argument("model", type=model_path, help="model folder or .gguf file ('default' = embedded SmolLM2)")
     p.add_argument(
         "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow running Python code shipped in the model folder (off by default)",
-    )
+    add_loading_args(p)
     p.add_argument(
         "--quantize",
         choices=["int8-cpu", "int8-dynamic", "8bit", "4bit"],
@@ -194,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what glmtune detects in a model folder")
-    p.add_argument("model", type=_model_arg)
+    p.add_argument("model", type=model_path)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("chat", help="chat in the terminal (streamed), or answer one --prompt")

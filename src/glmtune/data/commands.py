@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from glmtune.cli_args import positive_int
 from glmtune.errors import ConfigError
 
 __all__ = ["register"]
@@ -20,16 +21,6 @@ MAX_LISTED = 20
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _column(value: str) -> tuple[str, str]:
     name, sep, key = value.partition("=")
     if not sep or not name or not key:
@@ -65,19 +56,19 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("length limits (P-Tuning style source/target, or one max length)")
     g.add_argument(
         "--max-source-length",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="keep the first N content tokens of the prompt",
     )
     g.add_argument(
         "--max-target-length",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="keep the first N content tokens of the reply",
     )
     g.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="whole sequence: oldest history first, then the question's start, then the reply's end",
     )
@@ -341,7 +332,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("show", help="the first examples token by token, with their labels")
     _add_read_args(p)
     _add_model_arg(p)
-    p.add_argument("-n", type=_positive_int, default=1, help="how many examples (default 1)")
+    p.add_argument("-n", type=positive_int, default=1, help="how many examples (default 1)")
     _add_limit_args(p)
     p.set_defaults(func=cmd_show)
 

@@ -8,33 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli_args import add_loading_args, model_path, positive_float, positive_int
+
 __all__ = ["register"]
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
-
-
-def _model_path(value: str) -> Path:
-    from ..loading import resolve_model_path
-
-    return resolve_model_path(value)
 
 
 def cmd_serve(args) -> int:
@@ -77,9 +53,7 @@ def register(sub) -> argparse.ArgumentParser:
         "--host says otherwise; set --api-key (or GLMTUNE_API_KEY) before exposing it. For many users on a "
         "GPU: glmtune export RUN --out DIR, then vllm serve DIR or glmtune serve DIR --backend vllm.",
     )
-    p.add_argument(
-        "model", type=_model_path, help="model folder or .gguf file ('default' = embedded SmolLM2)"
-    )
+    p.add_argument("model", type=model_path, help="model folder or .gguf file ('default' = embedded SmolLM2)")
     p.add_argument(
         "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
     )
@@ -90,19 +64,19 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMTUNE_API_KEY)")
     p.add_argument(
         "--max-batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="most answers generated together in one batch (default 8)",
     )
     p.add_argument(
         "--max-queue",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="most requests waiting for the model; more are refused with 503 (default 64)",
     )
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=120.0,
         help="seconds a request may wait and generate in all (default 120)",
     )
@@ -113,16 +87,10 @@ def register(sub) -> argparse.ArgumentParser:
         default="native",
         help="native (transformers, CPU or GPU) or vllm (needs vLLM installed; merged models only)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow running Python code shipped in the model folder (off by default)",
-    )
+    add_loading_args(p)
     p.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=1 << 20,
         help="largest request body accepted; larger -> 413 (default 1 MiB)",
     )

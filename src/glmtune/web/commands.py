@@ -6,27 +6,10 @@ import argparse
 import ipaddress
 from pathlib import Path
 
+from glmtune.cli_args import add_loading_args, model_path, port
 from glmtune.errors import GlmtuneError
 
 __all__ = ["register"]
-
-
-def _model_arg(value: str) -> Path:
-    if value == "default":
-        from glmtune.loading import embedded_model_path
-
-        return embedded_model_path()
-    return Path(value)
-
-
-def _port(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
-    return n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "side, label rows into a training file, and look at a training run. Binds 127.0.0.1 unless "
         "--host says otherwise.",
     )
-    p.add_argument("model", type=_model_arg, help="model folder ('default' = embedded SmolLM2)")
+    p.add_argument("model", type=model_path, help="model folder ('default' = embedded SmolLM2)")
     p.add_argument("--adapter", type=Path, help="LoRA (peft) or P-Tuning v2 adapter folder")
     p.add_argument(
         "--base-model",
@@ -64,14 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow running Python code shipped in the model folder (off by default)",
-    )
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
+    add_loading_args(p)
     p.set_defaults(func=cmd_web)
 
 
