@@ -109,6 +109,17 @@ def build_app(
     return demo
 
 
+def _mode_fields(mode: str) -> tuple:
+    """Updates of the instruction box, the format choice and the text box for a mode switch: free chat
+    hides the first two and calls the text box "Message"."""
+    chat = mode == "chat"
+    return (
+        gr.update(visible=not chat),
+        gr.update(visible=not chat),
+        gr.update(label="Message" if chat else "Input"),
+    )
+
+
 # ------------------------------------------------------------------------------------------ playground
 def _playground(
     backend: Backend, feedback: FeedbackLog | None, default_fmt: str, defaults: GenerationSettings
@@ -142,15 +153,8 @@ def _playground(
             )
 
     def switch_mode(m):
-        chat = m == "chat"
-        return (
-            gr.update(visible=not chat),
-            gr.update(visible=not chat),
-            gr.update(label="Message" if chat else "Input"),
-            gr.update(visible=chat),
-            [],
-            None,
-        )
+        # + the system prompt shown in chat mode; the conversation and the last answer cleared
+        return (*_mode_fields(m), gr.update(visible=m == "chat"), [], None)
 
     mode.change(switch_mode, mode, [instruction, fmt, text, system, chatbot, last], queue=False)
 
@@ -266,15 +270,7 @@ def _compare(backend: Backend, default_fmt: str, defaults: GenerationSettings) -
                     )
                     tuned_json = gr.Markdown("", elem_id="cmp-tuned-json")
 
-    def switch_mode(m):
-        chat = m == "chat"
-        return (
-            gr.update(visible=not chat),
-            gr.update(visible=not chat),
-            gr.update(label="Message" if chat else "Input"),
-        )
-
-    mode.change(switch_mode, mode, [instruction, fmt, text], queue=False)
+    mode.change(_mode_fields, mode, [instruction, fmt, text], queue=False)
 
     def compare(m, f, instr, txt, n, t, p):
         try:
