@@ -20,6 +20,7 @@ from glmtune.models.chatglm_v1 import (
     save_official_v1,
     state_dict_check_and_load,
 )
+from glmtune.models.compat import output_cache
 
 from conftest import shared_path
 
@@ -205,7 +206,7 @@ def test_manual_incremental_decoding_with_cache(model, cases):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=config)
-        head = model(ids[:, :-3], past_key_values=cache, use_cache=True)
+        head = model(ids[:, :-3], cache=cache, use_cache=True)
         position_ids, allowed = chatglm_v1_position_ids_and_mask(
             ids,
             bos_token_id=config.bos_token_id,
@@ -213,9 +214,7 @@ def test_manual_incremental_decoding_with_cache(model, cases):
             gmask_token_id=config.gmask_token_id,
             query_length=3,
         )
-        tail = model(
-            ids[:, -3:], position_ids=position_ids, past_key_values=head.past_key_values, use_cache=True
-        ).logits
+        tail = model(ids[:, -3:], position_ids=position_ids, cache=output_cache(head), use_cache=True).logits
     # The last three tokens come after <sop>, so a causal continuation of the cache is exact.
     assert_logits_close(tail, full[:, -3:])
 
@@ -398,9 +397,7 @@ def test_ptuning_prefix_is_extra_keys_values_without_moving_positions():
             ids, bos_token_id=8, mask_token_id=4, gmask_token_id=5
         )
         mask = torch.cat([torch.ones(1, length, 4, dtype=torch.bool), allowed], dim=-1)
-        actual = base(
-            ids, position_ids=position_ids, attention_mask=~mask[:, None], past_key_values=cache
-        ).logits
+        actual = base(ids, position_ids=position_ids, attention_mask=~mask[:, None], cache=cache).logits
         # Generation with the prefix: cached steps equal full recompute.
         generated = greedy_generate(tuned, ids[:, :-3])[0].tolist()
     assert torch.allclose(actual, expected, atol=1e-4)

@@ -31,6 +31,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .compat import cache_kwargs, one_cache, output_cache
+
 __all__ = [
     "ChatGLMv1Config",
     "ChatGLMv1PreTrainedModel",
@@ -89,7 +91,7 @@ class ChatGLMv1Config(PreTrainedConfig):
     """
 
     model_type = "chatglm6b"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {
         "num_hidden_layers": "num_layers",
         "intermediate_size": "inner_hidden_size",
@@ -302,7 +304,7 @@ class ChatGLMv1Attention(nn.Module):
         sin: torch.Tensor,
         prefix_key: torch.Tensor | None = None,
         prefix_value: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, H]; attention_mask bool [B, 1, T, P + S] (True = attend) over prefix + cached
@@ -313,8 +315,8 @@ class ChatGLMv1Attention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, heads, T, hd]
         query = _apply_rotary(query, cos, sin)
         key = _apply_rotary(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         if prefix_key is not None:
             key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
             value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
@@ -362,14 +364,14 @@ class ChatGLMv1Block(GradientCheckpointingLayer):
         sin: torch.Tensor,
         prefix_key: torch.Tensor | None = None,
         prefix_value: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Tensors are positional so that reentrant checkpointing also propagates their gradients
         # (the prefix key/values are trainable under P-Tuning v2).
         normed = self.input_layernorm(hidden_states)
         attn_out, weights = self.attention(
-            normed, attention_mask, cos, sin, prefix_key, prefix_value, past_key_values, output_attentions
+            normed, attention_mask, cos, sin, prefix_key, prefix_value, cache, output_attentions
         )
         # GLM residual: the *normalised* input scaled by alpha.
         hidden_states = normed * _RESIDUAL_ALPHA + attn_out
@@ -409,7 +411,7 @@ class ChatGLMv1PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ChatGLMv1Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
     # P-Tuning v2 trains the prefix in float32 even when the base runs in half precision.
@@ -504,7 +506,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
             if position_ids is None:
                 if past_length:
                     raise ValueError(
-                        "with past_key_values and a 4D attention_mask, pass position_ids [B, 2, T]"
+                        "with a non-empty cache and a 4D attention_mask, pass position_ids [B, 2, T]"
                     )
                 # In the official mask a real token always sees itself and a pad sees nothing.
                 valid = torch.diagonal(given, dim1=-2, dim2=-1)
@@ -532,7 +534,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         # the context), which attend causally to every real token so far.
         if position_ids is None:
             raise ValueError(
-                "with past_key_values, pass position_ids [B, 2, T] (and the full 2D attention_mask or a 4D mask);"
+                "with a non-empty cache, pass position_ids [B, 2, T] (and the full 2D attention_mask or a 4D mask);"
                 " generate() computes them from the full sequence"
             )
         valid = (
@@ -552,15 +554,17 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """input_ids [B, T] or inputs_embeds [B, T, H]; attention_mask HF 2D [B, past + T] (1 = real) or the
+        """input_ids [B, T] or inputs_embeds [B, T, H]; the key/value cache as `cache` (or, as transformers
+        before 5.24 names it, `past_key_values`); attention_mask HF 2D [B, past + T] (1 = real) or the
         official 4D bool [B, 1, T, past + T] (True = masked); position_ids [B, 2, T]. Missing positions / mask
         are computed from input_ids as the original does (prefix-LM around <sop>, see
         `chatglm_v1_position_ids_and_mask`)."""
@@ -580,11 +584,12 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
+        cache = one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         position_ids, allowed = self._positions_and_mask(
             input_ids, attention_mask, position_ids, past_length, batch, length, device
@@ -613,7 +618,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
                 sin,
                 prefix_key,
                 prefix_value,
-                past_key_values=past_key_values,
+                cache=cache,
                 output_attentions=bool(output_attentions),
             )
             if output_attentions:
@@ -624,7 +629,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             hidden_states=all_hidden,
             attentions=all_attentions,
         )
@@ -657,7 +662,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -665,6 +670,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """labels [B, T]: causal-LM loss (labels shifted left by one inside, -100 ignored, mean over targets;
@@ -674,7 +680,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -697,7 +703,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -707,21 +713,25 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> dict:
         """Positions and prefix-LM mask from the FULL sequence so far (input_ids [B, L], 2D mask [B, L]),
         then sliced to the tokens this step feeds: position_ids [B, 2, q] and a 4D bool mask [B, 1, q, L]
-        (True = masked). Any position_ids generate() made itself (1D, HF style) are discarded."""
+        (True = masked). Any position_ids generate() made itself (1D, HF style) are discarded. The cache comes
+        as `cache` (transformers >= 5.24) or `past_key_values` (before) and is passed on under the name the
+        installed release uses."""
         if inputs_embeds is not None:
             raise NotImplementedError(
                 "ChatGLM-6B generation needs input_ids: positions depend on <sop>/[gMASK]"
             )
         length = input_ids.shape[1]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = one_cache(cache, past_key_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if next_sequence_length is not None:
             query_length = next_sequence_length
         else:
@@ -745,8 +755,8 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
             "position_ids": position_ids.contiguous(),
             "attention_mask": (~allowed)[:, None].contiguous(),
         }
-        if past_key_values is not None:
-            model_inputs["past_key_values"] = past_key_values
+        if cache is not None:
+            model_inputs.update(cache_kwargs(cache))
         skipped = {"position_ids", "labels", "token_type_ids", "cache_position"}
         for key, value in kwargs.items():
             if key not in skipped and key not in model_inputs:

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 
+from .compat import cache_kwargs, one_cache
+
 
 class PrefixEncoder(nn.Module):
     """[pre_seq_len] virtual tokens -> [num_layers * 2, B, G, pre_seq_len, d] keys/values (float32)."""
@@ -73,31 +75,40 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
         # The official get_prompt applies dropout 0.1 to the prefix keys/values (off in eval mode).
         self.prefix_dropout = nn.Dropout(float(getattr(config, "prefix_dropout", 0.1)))
 
-    def _prefix_cache(self, batch: int, dtype: torch.dtype) -> DynamicCache:
+    def _fill_prefix(self, cache: Cache, batch: int, dtype: torch.dtype) -> None:
+        """Write the prefix keys/values, [B, G, P, d] per layer, into an empty ``cache`` in place."""
         kv = self.prefix_dropout(self.prefix_encoder(batch).float()).to(dtype)
-        cache = DynamicCache(config=self.config)
         for layer in range(self.config.num_hidden_layers):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
-        return cache
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ):
-        """Same contract as ``GlmForCausalLM.forward``; ``attention_mask`` never includes the prefix."""
+        """Same contract as ``GlmForCausalLM.forward``; ``attention_mask`` never includes the prefix.
+
+        The prefix enters as the first ``pre_seq_len`` entries of the key/value cache: ``generate()`` hands
+        an empty cache on its first step (filled here in place) and the filled one afterwards. Positions
+        come from ``position_ids`` when given (``generate()`` computes them from the 2D mask, which never
+        counts the prefix), else from the 2D mask, else from the real tokens already cached.
+        """
+        cache = one_cache(cache, past_key_values)
         prefix_len = self.config.pre_seq_len
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[0], ref.shape[1]
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            past_key_values = self._prefix_cache(batch, self.lm_head.weight.dtype)
-        seen = past_key_values.get_seq_length() - prefix_len  # real tokens already in the cache
+        if cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache.get_seq_length() == 0:
+            self._fill_prefix(cache, batch, self.lm_head.weight.dtype)
+        seen = cache.get_seq_length() - prefix_len  # real tokens already in the cache
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # Left padding: real tokens count from 0 at their first position, pads get 0.
@@ -114,9 +125,9 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
