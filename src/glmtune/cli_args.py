@@ -44,8 +44,28 @@ def model_path(value: str) -> Path:
     return resolve_model_path(value)
 
 
+def generation_name(value: str) -> str:
+    """A ModelSpec registry name (chatglm, chatglm2, chatglm3, glm4, hf)."""
+    from .specs import REGISTRY
+
+    if value not in REGISTRY:
+        raise argparse.ArgumentTypeError(f"unknown model generation {value!r} (known: {', '.join(REGISTRY)})")
+    return value
+
+
+def add_generation_arg(p: argparse.ArgumentParser) -> None:
+    """--generation: the ModelSpec entry (template, tokenizer, loader) instead of detecting it."""
+    p.add_argument(
+        "--generation",
+        type=generation_name,
+        metavar="NAME",
+        help="model generation: chatglm, chatglm2, chatglm3, glm4 or hf (default: detected from the folder)",
+    )
+
+
 def add_loading_args(p: argparse.ArgumentParser) -> None:
-    """--dtype, --device and --trust-remote-code: how a command loads its model."""
+    """--generation, --dtype, --device and --trust-remote-code: how a command loads its model."""
+    add_generation_arg(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(

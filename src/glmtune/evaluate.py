@@ -17,6 +17,7 @@ import torch
 
 from .inference import Engine, GenerationSettings
 from .metrics import rouge_bleu_chatglm3, rouge_bleu_chatglm6b, task_metrics
+from .resolve import ResolvedModel, resolve_model
 
 
 @dataclass
@@ -248,29 +249,37 @@ def predict_file(
     return {"rows": len(rows), "generated": len(todo), "skipped_existing": skipped, "path": str(out)}
 
 
-def resolve_target(target: str | os.PathLike, adapter: str | os.PathLike | None = None) -> dict:
-    """What ``glmtune eval`` / ``predict`` evaluate: a run folder, a run config, or a model folder.
+def resolve_target(
+    target: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    generation: str | None = None,
+) -> ResolvedModel:
+    """What ``glmtune eval`` evaluates, resolved once: a run folder, a run config, or a model folder.
 
-    Returns ``{"model", "adapter", "generation", "config"}``; a run's adapter is its ``final/`` folder.
+    A run's adapter is its ``final/`` folder (a full fine-tune's ``final/`` is the model); its
+    ``model.generation`` applies unless ``generation`` is given.
     """
     from .config import CONFIG_FILENAME, load_config
-    from .loading import resolve_model_path
 
-    target = Path(target) if str(target) != "default" else target
-    cfg = None
-    if isinstance(target, Path) and target.is_dir() and (target / CONFIG_FILENAME).exists():
-        cfg, run_dir = load_config(target / CONFIG_FILENAME), target
-    elif isinstance(target, Path) and target.suffix in (".yaml", ".yml") and target.is_file():
-        cfg = load_config(target)
+    path = Path(target)
+    cfg = run_dir = None
+    if path.is_dir() and (path / CONFIG_FILENAME).exists():
+        cfg, run_dir = load_config(path / CONFIG_FILENAME), path
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        cfg = load_config(path)
         run_dir = Path(cfg.train.output_dir)
     if cfg is None:
-        return {"model": resolve_model_path(target), "adapter": adapter, "generation": None, "config": None}
-    if adapter is None and cfg.method.name != "full" and (run_dir / "final").is_dir():
-        adapter = run_dir / "final"
-    model = resolve_model_path(cfg.model.path)
-    if cfg.method.name == "full" and (run_dir / "final").is_dir():
-        model = run_dir / "final"
-    return {"model": model, "adapter": adapter, "generation": cfg.model.generation, "config": cfg}
+        return resolve_model(target, generation=generation, adapter=adapter)
+    final = run_dir / "final"
+    if adapter is None and cfg.method.name != "full" and final.is_dir():
+        adapter = final
+    model = final if cfg.method.name == "full" and final.is_dir() else cfg.model.path
+    return resolve_model(
+        model,
+        generation=generation or cfg.model.generation,
+        adapter=adapter,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
 def run_eval(
@@ -285,20 +294,21 @@ def run_eval(
     num_samples: int | None = None,
     n_examples: int = 5,
     fmt: str = "auto",
+    generation: str | None = None,
     printer=print,
 ) -> dict:
     """``glmtune eval``: reports (JSON, Markdown) and predictions for a model, optionally vs its base."""
     from .data import read_examples, write_jsonl_atomic
 
     settings = settings or GenerationSettings()
-    what = resolve_target(target, adapter)
+    what = resolve_target(target, adapter, generation)
     examples = read_examples(data, fmt=fmt).examples
     if num_samples:
         examples = examples[:num_samples]
-    engine = Engine.from_path(what["model"], adapter=what["adapter"])
+    engine = Engine.load(what)
     printer(
-        f"evaluating {what['model']}"
-        + (f" + {what['adapter']}" if what["adapter"] else "")
+        f"evaluating {what.path} ({what.generation})"
+        + (f" + {what.adapter}" if what.adapter else "")
         + f" on {len(examples)} examples of {data}"
     )
     tuned, preds = full_report(engine, examples, settings, batch_size)
@@ -310,7 +320,7 @@ def run_eval(
             with engine.model.disable_adapter():  # the same weights without the LoRA: no second copy
                 base, base_preds = full_report(engine, examples, settings, batch_size)
         else:
-            base_engine = Engine.from_path(what["model"])
+            base_engine = Engine.load(what.replace(adapter=None))
             base, base_preds = full_report(base_engine, examples, settings, batch_size)
             del base_engine
     rows = []
@@ -320,8 +330,9 @@ def run_eval(
             row["base"] = base_preds.outputs[i]
         rows.append(row)
     report = {
-        "model": str(what["model"]),
-        "adapter": str(what["adapter"]) if what["adapter"] else None,
+        "model": str(what.path),
+        "generation": what.generation,
+        "adapter": str(what.adapter) if what.adapter else None,
         "data": str(data),
         "examples": len(examples),
         "tuned": tuned,
@@ -330,7 +341,7 @@ def run_eval(
         report["base"] = base
         t, b = _flatten(tuned), _flatten(base)
         report["delta"] = {k: t[k] - b[k] for k in t if k in b}
-    out = Path(out_dir or (Path(what["adapter"]).parent / "eval" if what["adapter"] else Path("eval")))
+    out = Path(out_dir or (what.adapter.parent / "eval" if what.adapter else Path("eval")))
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     write_text_atomic(

@@ -112,8 +112,12 @@ def _run_config(folder: Path):
     return load_config(cfg_path), cfg_path
 
 
-def resolve_source(source: str | os.PathLike, base: str | os.PathLike | None = None) -> ExportSource:
-    """Classify ``source`` (run, adapter or model folder) and find the base model of an adapter."""
+def resolve_source(
+    source: str | os.PathLike, base: str | os.PathLike | None = None, generation: str | None = None
+) -> ExportSource:
+    """Classify ``source`` (run, adapter or model folder) and find the base model of an adapter.
+
+    ``generation`` overrides the run's ``model.generation`` and detection."""
     from .loading import adapter_kind, resolve_model_path
 
     src = resolve_model_path(source)  # "default" = the embedded model
@@ -163,7 +167,7 @@ def resolve_source(source: str | os.PathLike, base: str | os.PathLike | None = N
         kind=kind,
         weights=weights,
         base=base_path,
-        generation=cfg.model.generation if cfg is not None else None,
+        generation=generation or (cfg.model.generation if cfg is not None else None),
         quantization=cfg.model.quantization if cfg is not None else "none",
         trust_remote_code=bool(cfg.model.trust_remote_code) if cfg is not None else False,
         run_config=cfg_path,
@@ -630,6 +634,7 @@ def export(
     max_shard_size: int | str = "2GB",
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
+    generation: str | None = None,
 ) -> Path:
     """Export ``source`` (run, adapter or model folder) to ``out_dir``; returns ``out_dir``.
 
@@ -637,14 +642,15 @@ def export(
     original ChatGLM layout). ``base``: the base model of an adapter (default: the run's ``model.path`` or
     ``adapter_config.json``'s local ``base_model_name_or_path``). ``dtype``: float32 / bfloat16 / float16
     of the written weights (default: the base checkpoint's dtype); the LoRA update is merged in that dtype.
-    ``overwrite``: replace an existing non-empty ``out_dir``. See the module docstring for details.
+    ``overwrite``: replace an existing non-empty ``out_dir``. ``generation``: the model generation
+    (default: the run's ``model.generation``, else detected). See the module docstring for details.
     """
     from .loading import load_model
 
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
-    src = resolve_source(source, base)
+    src = resolve_source(source, base, generation)
     model_path = src.weights if src.kind == "model" else src.base
     assert model_path is not None
     spec = get_spec(src.generation) if src.generation else spec_for(model_path)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .loading import load_model, load_tokenizer
-from .specs import ModelSpec, get_spec
+from .resolve import ResolvedModel, resolve_model
+from .specs import ModelSpec
 
 
 @dataclass
@@ -59,28 +60,46 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         # One generation at a time per engine: the model's KV cache and RNG are not shared safely.
         self.lock = threading.Lock()
+        # What the model was resolved as (set by Engine.load; None for an engine built from objects).
+        self.resolved: ResolvedModel | None = None
 
     @classmethod
     def from_path(
         cls,
-        path: str | Path,
+        path: str | Path | ResolvedModel,
         *,
         adapter=None,
         dtype=torch.float32,
         device="cpu",
         trust_remote_code: bool = False,
         quantize: str | None = None,
+        generation: str | None = None,
     ) -> Engine:
-        """Load model + tokenizer; ``quantize``: int8-cpu | int8-dynamic | 8bit | 4bit (glmtune.quantize)."""
-        model = load_model(
-            path, adapter=adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        """Resolve ``path`` with these settings (a ``ResolvedModel`` is used as it is), then load it."""
+        return cls.load(
+            resolve_model(
+                path,
+                generation=generation,
+                adapter=adapter,
+                dtype=dtype,
+                device=device,
+                quantization=quantize,
+                trust_remote_code=trust_remote_code,
+            )
         )
-        if quantize:
+
+    @classmethod
+    def load(cls, model: ResolvedModel) -> Engine:
+        """Model + tokenizer of a resolved model; its ``quantization``: int8-cpu | int8-dynamic | 8bit |
+        4bit (glmtune.quantize)."""
+        loaded = load_model(model)
+        if model.quantization:
             from .quantize import quantize_for_inference
 
-            model = quantize_for_inference(model, quantize)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, get_spec(model.config.glmtune_generation))
+            loaded = quantize_for_inference(loaded, model.quantization)
+        engine = cls(loaded, load_tokenizer(model), model.spec)
+        engine.resolved = model
+        return engine
 
     @property
     def context_length(self) -> int:

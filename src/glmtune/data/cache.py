@@ -27,9 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glmtune.data.encode import ENCODING_VERSION, EncodeSettings, EncodeStats, encode_all
 from glmtune.data.readers import DataError, read_examples
+
+if TYPE_CHECKING:  # the data package is imported without torch; the model types come with a model
+    from glmtune.resolve import ResolvedModel
 
 __all__ = ["CacheInfo", "TOKENIZER_FILES", "default_cache_dir", "tokenize_cached"]
 
@@ -107,16 +111,14 @@ def _tokenizer_identity(model_dir: Path, generation: str) -> dict:
 
 def cache_key(
     path: Path,
-    model_dir: Path,
+    model: ResolvedModel,
     settings: EncodeSettings,
     fmt: str = "auto",
     columns: Mapping[str, str | None] | None = None,
     skip_invalid: bool = False,
 ) -> tuple[str, dict]:
     """(sha256 hex key, the JSON-able description it is the hash of)."""
-    from glmtune.specs import spec_for
-
-    spec = spec_for(model_dir)
+    spec = model.spec
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     described = {
@@ -125,7 +127,7 @@ def cache_key(
         "format": fmt,
         "columns": dict(columns) if columns is not None else None,
         "skip_invalid": bool(skip_invalid),
-        "tokenizer": _tokenizer_identity(model_dir, spec.name),
+        "tokenizer": _tokenizer_identity(model.gguf or model.path, spec.name),
         "libraries": {name: _version(name) for name in _LIBRARIES},
         "template": spec.template.name,
         "settings": settings.as_dict(),
@@ -153,16 +155,15 @@ def _load_entry(entry: Path, key: str):
         return None
 
 
-def _build(path, model_dir, settings, fmt, columns, skip_invalid):
+def _build(path, model: ResolvedModel, settings, fmt, columns, skip_invalid):
     from datasets import Dataset, Features, List, Value
 
     from glmtune.loading import load_tokenizer
-    from glmtune.specs import spec_for
 
     read = read_examples(path, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model)
     encoded, stats = encode_all(
-        tokenizer, spec_for(model_dir).template, read.examples, settings, skip_invalid=skip_invalid
+        tokenizer, model.spec.template, read.examples, settings, skip_invalid=skip_invalid
     )
     # Rows the reader skipped are invalid rows too; the stats list both.
     stats.invalid = list(read.skipped) + stats.invalid
@@ -207,14 +208,17 @@ def _save(ds, entry: Path, meta: dict) -> None:
 
 def tokenize_cached(
     path: str | os.PathLike,
-    model_dir: str | os.PathLike,
+    model: str | os.PathLike | ResolvedModel,
     settings: EncodeSettings | None = None,
     cache_dir: str | os.PathLike | None = None,
     fmt: str = "auto",
     columns: Mapping[str, str | None] | None = None,
     skip_invalid: bool = False,
 ):
-    """Tokenize a data file for ``model_dir``'s tokenizer and template, through an on-disk cache.
+    """Tokenize a data file for ``model``'s tokenizer and template, through an on-disk cache.
+
+    ``model`` is a :class:`~glmtune.resolve.ResolvedModel` (its generation picks tokenizer and template),
+    or a model folder / GGUF file resolved here by detection.
 
     Returns ``(dataset, info)``: a ``datasets.Dataset`` with columns ``input_ids`` and ``labels``
     (int32 lists, labels -100 where there is no loss) and ``length``, and a :class:`CacheInfo`. The
@@ -222,21 +226,24 @@ def tokenize_cached(
     tokenizer, the template, the limits or glmtune's encoding makes a new entry.
     """
     started = time.perf_counter()
-    path, model_dir = Path(path), Path(model_dir)
+    from glmtune.resolve import resolve_model
+
+    path, model = Path(path), resolve_model(model)
     settings = settings or EncodeSettings()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key, described = cache_key(path, model_dir, settings, fmt, columns, skip_invalid)
+    key, described = cache_key(path, model, settings, fmt, columns, skip_invalid)
     entry = root / _entry_name(path, key)
     found = _load_entry(entry, key) if entry.exists() else None
     if found is not None:
         ds, meta = found
         stats = EncodeStats.from_dict(meta["stats"])
         return ds, CacheInfo(True, key, entry, stats, len(ds), meta["format"], time.perf_counter() - started)
-    ds, stats, read_format = _build(path, model_dir, settings, fmt, columns, skip_invalid)
+    ds, stats, read_format = _build(path, model, settings, fmt, columns, skip_invalid)
     meta = {
         "key": key,
         "source": str(path),
-        "model": str(model_dir),
+        "model": str(model.path),
+        "generation": model.generation,
         "format": read_format,
         "rows": len(ds),
         "stats": stats.as_dict(),

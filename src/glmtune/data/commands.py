@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from glmtune.cli_args import positive_int
+from glmtune.cli_args import add_generation_arg, model_path, positive_int
 from glmtune.errors import ConfigError
 
 __all__ = ["register"]
@@ -49,7 +49,13 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="model folder: its tokenizer and chat template")
+    p.add_argument(
+        "--model",
+        type=model_path,
+        required=True,
+        help="model folder or .gguf file ('default' = embedded SmolLM2): its tokenizer and chat template",
+    )
+    add_generation_arg(p)
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -100,11 +106,18 @@ def _read(args):
     return read_examples(args.file, fmt=args.format, columns=_columns(args), skip_invalid=args.skip_invalid)
 
 
-def _tokenizer_and_template(model: Path):
-    from glmtune.loading import load_tokenizer
-    from glmtune.specs import spec_for
+def _resolved(args):
+    """The --model resolved once, with --generation when given."""
+    from glmtune.resolve import resolve_model
 
-    return load_tokenizer(model), spec_for(model).template
+    return resolve_model(args.model, generation=args.generation)
+
+
+def _tokenizer_and_template(args):
+    from glmtune.loading import load_tokenizer
+
+    model = _resolved(args)
+    return load_tokenizer(model), model.spec.template
 
 
 def _describe_limits(settings) -> str:
@@ -157,7 +170,7 @@ def cmd_check(args) -> int:
 
     settings = _settings(args)
     read = _read(args)
-    tokenizer, template = _tokenizer_and_template(args.model)
+    tokenizer, template = _tokenizer_and_template(args)
     print(
         f"{args.file}: format {read.format}, {len(read.examples)} valid examples, {len(read.skipped)} skipped"
     )
@@ -212,7 +225,7 @@ def cmd_show(args) -> int:
     settings = _settings(args)
     read = _read(args)
     _print_skipped(read.skipped)
-    tokenizer, template = _tokenizer_and_template(args.model)
+    tokenizer, template = _tokenizer_and_template(args)
     for k, example in enumerate(read.examples[: args.n]):
         enc = encode(tokenizer, template, example, settings)
         print(
@@ -293,7 +306,7 @@ def cmd_tokenize(args) -> int:
     started = time.perf_counter()
     ds, info = tokenize_cached(
         args.file,
-        args.model,
+        _resolved(args),
         settings,
         cache_dir=args.out,
         fmt=args.format,

@@ -559,6 +559,7 @@ def build_backend(
     trust_remote_code: bool = False,
     max_batch_size: int = 8,
     max_queue: int = 64,
+    generation: str | None = None,
 ):
     if backend == "vllm":
         from .vllm_backend import VLLMBackend
@@ -574,6 +575,7 @@ def build_backend(
             model,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            generation=generation,
             max_batch_size=max_batch_size,
             max_queue=max_queue,
         )
@@ -588,6 +590,7 @@ def build_backend(
         dtype=getattr(torch, dtype),
         device=device,
         trust_remote_code=trust_remote_code,
+        generation=generation,
     )
     return NativeBackend(engine, max_batch_size=max_batch_size, max_queue=max_queue)
 
@@ -638,6 +641,7 @@ def serve(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    generation: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
 ) -> None:
@@ -658,6 +662,7 @@ def serve(
         dtype=dtype,
         device=device,
         trust_remote_code=trust_remote_code,
+        generation=generation,
         max_batch_size=max_batch_size,
         max_queue=max_queue,
     )

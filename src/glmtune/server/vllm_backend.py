@@ -41,9 +41,10 @@ class VLLMBackend:
         trust_remote_code: bool = False,
         max_batch_size: int = 64,
         max_queue: int = 256,
+        generation: str | None = None,
     ):
         from ..loading import load_tokenizer
-        from ..specs import spec_for
+        from ..resolve import resolve_model
 
         AsyncEngineArgs, AsyncLLMEngine, SamplingParams = _import_vllm()
         self._SamplingParams = SamplingParams
@@ -52,8 +53,9 @@ class VLLMBackend:
             raise ConfigError(
                 f"{model_dir}: --backend vllm needs a model folder (export one with glmtune export)"
             )
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-        self.template = spec_for(model_dir).template
+        resolved = resolve_model(model_dir, generation=generation, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(resolved)
+        self.template = resolved.spec.template
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         self.context_length = _context_length(model_dir)
         self.max_batch_size = max_batch_size

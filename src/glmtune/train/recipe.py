@@ -21,7 +21,7 @@ import torch
 
 from ..config import RunConfig, save_config
 from ..errors import ConfigError
-from ..specs import get_spec, read_json, spec_for
+from ..resolve import ResolvedModel, resolve_model
 from .methods import check_quantization, get_method, quantize_linears, trainable_summary
 
 CONFIG_NAME = "glmtune_config.yaml"
@@ -63,7 +63,7 @@ def _resume_path(cfg: RunConfig) -> str | None:
     return str(path)
 
 
-def _datasets(cfg: RunConfig, model_dir: Path):
+def _datasets(cfg: RunConfig, model: ResolvedModel):
     from ..data.cache import tokenize_cached
     from ..data.encode import EncodeSettings
 
@@ -81,11 +81,11 @@ def _datasets(cfg: RunConfig, model_dir: Path):
         columns=d.columns or None,
         skip_invalid=d.skip_invalid,
     )
-    train, info = tokenize_cached(d.train_file, model_dir, **common)
+    train, info = tokenize_cached(d.train_file, model, **common)
     reports = {"train": info}
     evals = None
     if d.eval_file:
-        evals, reports["eval"] = tokenize_cached(d.eval_file, model_dir, **common)
+        evals, reports["eval"] = tokenize_cached(d.eval_file, model, **common)
     elif d.eval_ratio > 0:
         split = train.train_test_split(
             test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed
@@ -149,14 +149,22 @@ def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non
 
 def train(cfg: RunConfig, printer=print) -> dict:
     """Run a fine-tuning job described by ``cfg``; returns the train summary (also written to JSON)."""
-    from ..loading import load_model, load_tokenizer, resolve_model_path
+    from ..loading import load_model, load_tokenizer
     from .trainer import BestAndPlotCallback, GlmtuneTrainer, ProgressCallback, plot_losses
 
     t0 = time.time()
-    # 1. What the machine and the model can do, before reading any weight.
+    # 1. What the machine and the model can do, before reading any weight. The model is resolved once
+    # (model.generation overrides detection) and that object goes to the tokenizer, data and loader.
     check_device(cfg)
-    model_path = resolve_model_path(cfg.model.path)
-    spec = get_spec(cfg.model.generation) if cfg.model.generation else spec_for(model_path)
+    resolved = resolve_model(
+        cfg.model.path,
+        generation=cfg.model.generation,
+        adapter=cfg.model.adapter,
+        dtype=cfg.model.dtype,
+        quantization=cfg.model.quantization,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    spec, model_path = resolved.spec, resolved.path
     method = get_method(cfg.method.name)
     if method.name == "ptuning_v2" and not spec.supports_ptuning:
         raise ConfigError(
@@ -170,11 +178,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
     save_config(cfg, out / CONFIG_NAME)
 
     # 2. Tokenizer and data (tokenized once, cached on disk).
-    tokenizer = load_tokenizer(
-        model_path, generation=spec.name, trust_remote_code=cfg.model.trust_remote_code
-    )
-    data_dir = _tokenizer_dir(model_path)
-    train_set, eval_set, reports = _datasets(cfg, data_dir)
+    tokenizer = load_tokenizer(resolved)
+    train_set, eval_set, reports = _datasets(cfg, resolved)
     for split, info in reports.items():
         st = info.stats
         printer(
@@ -189,18 +194,9 @@ def train(cfg: RunConfig, printer=print) -> dict:
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    model = load_model(
-        model_path,
-        adapter=cfg.model.adapter,
-        dtype=dtype,
-        generation=spec.name,
-        trust_remote_code=cfg.model.trust_remote_code,
-        trainable_adapter=True,
-        **method.load_kwargs(cfg.method),
-    )
-    if cfg.model.quantization in ("4bit", "8bit"):
-        model = quantize_linears(model, 4 if cfg.model.quantization == "4bit" else 8)
+    model = load_model(resolved, trainable_adapter=True, **method.load_kwargs(cfg.method))
+    if resolved.quantization in ("4bit", "8bit"):
+        model = quantize_linears(model, 4 if resolved.quantization == "4bit" else 8)
     model = method.prepare(model, spec, cfg.method)
     model.train()
     if cfg.train.gradient_checkpointing:
@@ -235,7 +231,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
     # padding-free rows; packed rows add their short per-batch padding).
     count = "non_padding" if isinstance(collator, DataCollator) else "all"
     args = _training_arguments(cfg, eval_set is not None, count)
-    base_config = _official_base_config(model_path)
+    base_config = dict(resolved.config) or None  # config.json as resolved (None for GGUF)
     best = BestAndPlotCallback()
 
     def save_extras(folder: Path) -> None:
@@ -317,20 +313,6 @@ def _can_flatten(model) -> bool:
 @contextlib.contextmanager
 def _nothing():
     yield
-
-
-def _tokenizer_dir(model_path: Path) -> Path:
-    """The folder holding the tokenizer files (a GGUF model's converted folder)."""
-    from ..loading import gguf_as_hf_folder
-    from ..specs import find_gguf
-
-    gguf = find_gguf(model_path)
-    return gguf_as_hf_folder(gguf) if gguf is not None else model_path
-
-
-def _official_base_config(model_path: Path) -> dict | None:
-    cfg = model_path / "config.json"
-    return read_json(cfg) if cfg.exists() else None
 
 
 def _peak_memory() -> int:

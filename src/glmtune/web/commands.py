@@ -83,6 +83,7 @@ def cmd_web(args) -> int:
         dtype=getattr(torch, args.dtype),
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        generation=args.generation,
     )
     feedback = FeedbackLog(args.feedback, model=backend.model, adapter=backend.adapter)
     app = build_app(backend, store=store, feedback=feedback, run_dir=args.run)

@@ -184,12 +184,18 @@ class Backend:
         dtype=None,
         device: str = "cpu",
         trust_remote_code: bool = False,
+        generation: str | None = None,
     ) -> Backend:
         import torch
 
         from glmtune.inference import Engine
 
-        kw = dict(dtype=dtype or torch.float32, device=device, trust_remote_code=trust_remote_code)
+        kw = dict(
+            dtype=dtype or torch.float32,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            generation=generation,
+        )
         engine = Engine.from_path(model, adapter=adapter, **kw)
         base = None
         if base_model is not None:
