@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import add_loading_args, model_path
+from .cli_args import add_generation_arg, add_loading_args, model_path
 from .errors import GlmtuneError
 
 
@@ -42,6 +42,7 @@ def _engine(args):
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         quantize=getattr(args, "quantize", None),
+        generation=args.generation,
     )
 
 
@@ -55,8 +56,9 @@ def _settings(args):
 
 def cmd_info(args) -> int:
     from .loading import model_info
+    from .resolve import resolve_model
 
-    info = model_info(args.model)
+    info = model_info(resolve_model(args.model, generation=args.generation))
     info.pop("config", None)
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
@@ -112,6 +114,7 @@ def cmd_eval(args) -> int:
         num_samples=args.num_samples,
         n_examples=args.examples,
         fmt=args.format,
+        generation=args.generation,
     )
     tuned = _flatten(report["tuned"])
     base = _flatten(report["base"]) if "base" in report else None
@@ -152,6 +155,7 @@ def cmd_export(args) -> int:
         base=args.base,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        generation=args.generation,
     )
     print(f"exported to {out}")
     return 0
@@ -164,6 +168,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import collect_report, render_json, render_text
+
+    report = collect_report()
+    print(render_json(report) if args.json else render_text(report))
+    return 0 if report.ok else 1
+
+
 def cmd_train(args) -> int:
     from .config import config_help, load_config
 
@@ -172,7 +184,10 @@ def cmd_train(args) -> int:
         return 0
     if args.config is None:
         raise GlmtuneError("glmtune train needs a CONFIG.yaml (see configs/ and --help-config)")
+    from .doctor import warn_untested_versions
     from .train import train
+
+    warn_untested_versions()
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
@@ -185,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what glmtune detects in a model folder")
     p.add_argument("model", type=model_path)
+    add_generation_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("chat", help="chat in the terminal (streamed), or answer one --prompt")
@@ -220,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-samples", type=int, help="only the first N examples")
     p.add_argument("--examples", type=int, default=5, help="example rows in the Markdown report")
+    add_generation_arg(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -243,12 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", help="base model (default: from the run config or adapter_config.json)")
     p.add_argument("--max-shard-size", default="2GB")
+    add_generation_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("score", help="metrics of an existing predictions JSONL ({predict, label} rows)")
     p.add_argument("predictions", type=Path)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "doctor", help="Python, torch build, package versions vs the tested ranges, usable features"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_doctor)
 
     from .data.commands import register as register_data
     from .server.commands import register as register_serve
@@ -259,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     register_web(sub)
 
     p = sub.add_parser("demo", help="the main job: score, LoRA-tune and re-score the embedded default model")
-    p.add_argument("--config", help="run config (default: configs/demo.yaml of the checkout)")
+    from .demo import default_demo_config
+
+    p.add_argument(
+        "--config",
+        help=f"run config (default: the packaged demo config {default_demo_config()}; "
+        "its data files lie beside it)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -14,7 +14,10 @@ __all__ = ["register"]
 
 
 def cmd_serve(args) -> int:
+    from ..doctor import warn_untested_versions
     from ..errors import ConfigError
+
+    warn_untested_versions()
 
     try:
         from .app import serve
@@ -36,6 +39,7 @@ def cmd_serve(args) -> int:
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        generation=args.generation,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )
