@@ -69,7 +69,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, get_spec, read_json, spec_for
+from .resolve import resolve_model, resolve_model_path
+from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, read_json
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def resolve_source(
     """Classify ``source`` (run, adapter or model folder) and find the base model of an adapter.
 
     ``generation`` overrides the run's ``model.generation`` and detection."""
-    from .loading import adapter_kind, resolve_model_path
+    from .loading import adapter_kind
 
     src = resolve_model_path(source)  # "default" = the embedded model
     if not src.exists():
@@ -604,7 +605,6 @@ def _tokenizer_source(src: ExportSource) -> Path:
         if has_tok or src.run_config is None:
             return w
         from .config import load_config
-        from .loading import resolve_model_path
 
         return resolve_model_path(load_config(src.run_config).model.path)
     return src.base
@@ -653,7 +653,9 @@ def export(
     src = resolve_source(source, base, generation)
     model_path = src.weights if src.kind == "model" else src.base
     assert model_path is not None
-    spec = get_spec(src.generation) if src.generation else spec_for(model_path)
+    # Resolved once: the generation (override, run config or detection) goes to the loader and tokenizer.
+    resolved = resolve_model(model_path, generation=src.generation, trust_remote_code=src.trust_remote_code)
+    spec = resolved.spec
     _check_out_dir(out_dir, [Path(source), src.weights, src.base], overwrite)
     parse_size(max_shard_size)  # a bad size fails before any weight is read
 
@@ -711,13 +713,7 @@ def export(
         fmt,
         str(target).removeprefix("torch."),
     )
-    model = load_model(
-        model_path,
-        adapter=adapter,
-        dtype=target,
-        generation=spec.name,
-        trust_remote_code=src.trust_remote_code,
-    )
+    model = load_model(resolved.replace(adapter=adapter, dtype=target))
     model = merge_lora(model)
     tokenizer = _load_tokenizer(_tokenizer_source(src), spec, src.trust_remote_code)
 

@@ -117,10 +117,13 @@ def length_grouped_sampler(lengths: Sequence[int], batch_size: int, seed: int = 
 def check_packing(model: Any) -> None:
     """Raise :class:`ConfigError` when ``model`` cannot be trained on packed rows.
 
-    ``model``: a registry name ("chatglm", "chatglm3", ...), a model folder, or a loaded model.
+    ``model``: a registry name ("chatglm", "chatglm3", ...), a model folder, a
+    :class:`~glmtune.resolve.ResolvedModel`, or a loaded model.
     """
     name = None
-    if isinstance(model, str) or hasattr(model, "__fspath__"):
+    if hasattr(model, "spec") and hasattr(model, "generation"):  # a ResolvedModel: already known
+        name = model.generation
+    elif isinstance(model, str) or hasattr(model, "__fspath__"):
         from glmtune.specs import spec_for
 
         name = spec_for(model).name
