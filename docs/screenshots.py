@@ -6,7 +6,7 @@ with Playwright (offline: the page loads only from the local server)::
     python docs/screenshots.py                         # a tiny random model + a random LoRA (fast)
     python docs/screenshots.py --model default --adapter runs/demo/final --run runs/demo
 
-The Label tab writes to a temporary copy of a few rows of examples/data/demo_train.jsonl, the
+The Label tab writes to a temporary copy of a few rows of src/glmtune/assets/demo/demo_train.jsonl, the
 feedback to a temporary file: the script changes nothing but the PNGs.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "examples" / "data" / "demo_train.jsonl"
+DEMO_DATA = ROOT / "src" / "glmtune" / "assets" / "demo" / "demo_train.jsonl"
 INSTRUCTION = (
     "Extract the person, city and date from the text as JSON with keys name, city, date (YYYY-MM-DD)."
 )
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             model = make_tiny_model(tmp / "tiny-chatglm3", "chatglm3", seed=0)
             adapter = adapter or make_tiny_lora(model, tmp / "tiny-lora")
         elif args.model == "default":
-            from glmtune.loading import embedded_model_path
+            from glmtune.resolve import embedded_model_path
 
             model = embedded_model_path()
         else:

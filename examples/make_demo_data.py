@@ -9,9 +9,12 @@ Rows use the ``context``/``target`` format of the seed workflow. The dev set is 
 never occur in train, no (name, city) pair of dev occurs in train, and a third of dev uses sentence
 templates that train never uses.
 
+The files ship in the package beside the demo config (``src/glmtune/assets/demo/demo.yaml``, which
+names them relative to itself), so ``glmtune demo`` finds them from an installed wheel too.
+
 Deterministic (seeded), standard library only::
 
-    python examples/make_demo_data.py            # writes examples/data/demo_{train,dev}.jsonl
+    python examples/make_demo_data.py            # writes src/glmtune/assets/demo/demo_{train,dev}.jsonl
     python examples/make_demo_data.py --seed 1 --n-train 800 --out-dir /tmp/demo
 """
 
@@ -22,6 +25,9 @@ import calendar
 import json
 import random
 from pathlib import Path
+
+#: The demo's folder in the package (its config and data).
+DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "glmtune" / "assets" / "demo"
 
 INSTRUCTION = (
     "Instruction: Extract the person, city and date from the text as JSON with keys name, city, "
@@ -146,7 +152,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "data")
+    ap.add_argument("--out-dir", type=Path, default=DEMO_DIR)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-dev", type=int, default=60)

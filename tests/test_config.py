@@ -27,9 +27,16 @@ from glmtune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# The demo config ships in the package, beside its data (glmtune demo runs from an installed wheel).
+DEMO_CONFIG = REPO / "src" / "glmtune" / "assets" / "demo" / "demo.yaml"
 RUN_CONFIGS = sorted(
     p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in ("accelerate", "deepspeed")
-)
+) + [DEMO_CONFIG]
+
+
+def _config_id(path: Path) -> str:
+    return path.name if path == DEMO_CONFIG else path.relative_to(CONFIGS).as_posix()
+
 
 BASE = {
     "model": {"path": "models/x"},
@@ -56,22 +63,22 @@ def _error(overrides=(), raw=None) -> str:
 
 
 def test_every_run_config_is_shipped():
-    names = {p.relative_to(CONFIGS).as_posix() for p in RUN_CONFIGS}
+    names = {_config_id(p) for p in RUN_CONFIGS}
     for generation in ("chatglm", "chatglm2", "chatglm3", "glm4"):
         for method in ("lora", "qlora", "ptuning_v2", "full"):
             assert f"{generation}/{method}.yaml" in names
     assert "demo.yaml" in names
 
 
-@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=_config_id)
 def test_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.validate() is cfg
     text = path.read_text(encoding="utf-8")
     assert "../shared" not in text
     assert "# " in text  # the field docs are there as comments
-    rel = path.relative_to(CONFIGS)
-    if rel.parts[0] != "demo.yaml":
+    if path != DEMO_CONFIG:
+        rel = path.relative_to(CONFIGS)
         generation, method = rel.parts[0], rel.stem
         expected = {"qlora": "lora"}.get(method, method)
         assert cfg.method.name == expected
@@ -104,12 +111,13 @@ def test_shipped_values_follow_the_original_workflows():
     assert (CONFIGS.parent / full.train.deepspeed).is_file()
     q = load_config(CONFIGS / "glm4/qlora.yaml")
     assert (q.model.quantization, q.train.precision, q.is_qlora) == ("4bit", "bf16", True)
-    demo = load_config(CONFIGS / "demo.yaml")
+    demo = load_config(DEMO_CONFIG)
     assert demo.model.path == "default" and demo.model.dtype == "float32"
     assert demo.method.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert (demo.method.lora_r, demo.method.lora_alpha) == (16, 32)
-    assert demo.data.train_file == "examples/data/demo_train.jsonl"
-    assert demo.data.eval_file == "examples/data/demo_dev.jsonl"
+    # Named beside the config; read from there (absolute) whatever the working directory.
+    assert demo.data.train_file == str(DEMO_CONFIG.parent / "demo_train.jsonl")
+    assert demo.data.eval_file == str(DEMO_CONFIG.parent / "demo_dev.jsonl")
     assert demo.train.output_dir == "runs/demo" and 0 < demo.train.max_steps <= 100
 
 
@@ -137,15 +145,44 @@ def test_generated_configs_are_up_to_date(tmp_path):
     written = _generator().generate(tmp_path)
     generated = {p.relative_to(tmp_path).as_posix(): p.read_text(encoding="utf-8") for p in written}
     shipped = {
-        p.relative_to(CONFIGS).as_posix()
+        p.relative_to(REPO).as_posix()
         for p in CONFIGS.rglob("*")
         if p.is_file() and p.suffix in (".yaml", ".json") and "__pycache__" not in p.parts
-    }
+    } | {DEMO_CONFIG.relative_to(REPO).as_posix()}
     assert shipped == set(generated), "run `python configs/generate.py` (stale or extra files under configs/)"
     for rel, text in generated.items():
-        assert (CONFIGS / rel).read_text(encoding="utf-8") == text, (
-            f"configs/{rel} is stale: run configs/generate.py"
-        )
+        assert (REPO / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run configs/generate.py"
+
+
+def test_data_files_beside_the_config_file(tmp_path, monkeypatch):
+    """Relative data files are relative to the working directory; one that is not there but lies beside
+    the config file is read from beside it (how the packaged demo config finds its data)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "sub").mkdir(parents=True)
+    cwd.mkdir()
+    for name in ("train.jsonl", "dev.jsonl", "sub/other.jsonl"):
+        (home / name).write_text("{}\n", encoding="utf-8")
+    raw = {**BASE, "data": {"train_file": "train.jsonl", "eval_file": "dev.jsonl", "max_length": 256}}
+    config = home / "run.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    monkeypatch.chdir(cwd)
+
+    cfg = load_config(config)
+    assert (cfg.data.train_file, cfg.data.eval_file) == (str(home / "train.jsonl"), str(home / "dev.jsonl"))
+    assert load_config(Path("..") / "home" / "run.yaml").data.train_file == str(home / "train.jsonl")
+    # The working directory wins; overrides, dict configs and files found nowhere stay as written.
+    (cwd / "train.jsonl").write_text("{}\n", encoding="utf-8")
+    cfg = load_config(config, ["data.eval_file=sub/other.jsonl"])
+    assert (cfg.data.train_file, cfg.data.eval_file) == ("train.jsonl", "sub/other.jsonl")
+    assert load_config(raw).data.eval_file == "dev.jsonl"
+    assert load_config(config, ["data.train_file=missing.jsonl"]).data.train_file == "missing.jsonl"
+    # Other paths (model, output) stay relative to the working directory.
+    assert (cfg.model.path, cfg.train.output_dir) == ("models/x", "runs/x")
+    # A checkpoint folder's saved config: beside it is the folder.
+    (cwd / "train.jsonl").unlink()
+    save_config(load_config(raw, ["data.train_file=other.jsonl", "data.eval_file=null"]), home / "sub")
+    assert load_config(home / "sub").data.train_file == str(home / "sub" / "other.jsonl")
+    assert "lies beside the config file" in config_help()
 
 
 # ---------------------------------------------------------------------------------------------------

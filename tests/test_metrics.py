@@ -415,9 +415,9 @@ def test_score_predictions_file_empty(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The demo dataset (examples/data, written by examples/make_demo_data.py)
+# The demo dataset (package data beside the demo config, written by examples/make_demo_data.py)
 
-DEMO = REPO / "examples" / "data"
+DEMO = REPO / "src" / "glmtune" / "assets" / "demo"
 
 
 def _demo(split: str) -> list[dict]:

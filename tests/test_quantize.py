@@ -201,7 +201,7 @@ def test_bitsandbytes_4bit_on_gpu(tiny_chatglm3):
 def test_int8_on_the_embedded_default_model(references):
     """A real trained model (SmolLM2-135M-Instruct): int8-cpu stays close, int8-dynamic drifts more."""
     from glmtune.errors import ModelLoadError
-    from glmtune.loading import resolve_model_path
+    from glmtune.resolve import resolve_model_path
 
     try:
         path = resolve_model_path("default")

@@ -39,7 +39,7 @@ def port(value: str) -> int:
 
 def model_path(value: str) -> Path:
     """A model folder, a .gguf file, or "default" (the embedded SmolLM2)."""
-    from .loading import resolve_model_path
+    from .resolve import resolve_model_path
 
     return resolve_model_path(value)
 

