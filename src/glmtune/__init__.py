@@ -1,6 +1,6 @@
 """glmtune: fine-tune, evaluate, chat with and serve the ChatGLM family and other causal LMs.
 
-Public API (stable): :func:`load_tokenizer`, :func:`load_model`, :func:`get_template`.
+Public API (stable): :func:`resolve_model`, :func:`load_tokenizer`, :func:`load_model`, :func:`get_template`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import warnings
 
 from .errors import ConfigError, GlmtuneError, ModelLoadError
 from .loading import load_model, load_tokenizer
+from .resolve import ResolvedModel, resolve_model
 from .specs import REGISTRY, ModelSpec, detect_generation, spec_for
 from .templates import IGNORE_INDEX, Template
 
@@ -20,8 +21,11 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 __version__ = "0.1.0"
 
 
-def get_template(path_or_name: str | os.PathLike) -> Template:
-    """The chat template of a model folder or of a registry name (chatglm, chatglm2, chatglm3, glm4, hf)."""
+def get_template(path_or_name: str | os.PathLike | ResolvedModel) -> Template:
+    """The chat template of a model folder, a resolved model, or a registry name (chatglm, chatglm2,
+    chatglm3, glm4, hf)."""
+    if isinstance(path_or_name, ResolvedModel):
+        return path_or_name.spec.template
     return spec_for(path_or_name).template
 
 
@@ -32,11 +36,13 @@ __all__ = [
     "ModelLoadError",
     "ModelSpec",
     "REGISTRY",
+    "ResolvedModel",
     "Template",
     "detect_generation",
     "get_template",
     "load_model",
     "load_tokenizer",
+    "resolve_model",
     "spec_for",
     "__version__",
 ]
