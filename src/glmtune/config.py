@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import textwrap
 import types
 import typing
@@ -38,6 +37,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .atomic import write_text
 from .errors import ConfigError
 
 __all__ = [
@@ -1097,7 +1097,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically: a temporary file, then ``os.replace``).
+    """Write the resolved config as YAML, atomically (:func:`glmtune.atomic.write_text`).
 
     A folder as ``path`` gets :data:`CONFIG_FILENAME` inside it. ``load_config`` of the file gives a
     config equal to ``cfg``.
@@ -1105,24 +1105,10 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "# glmtune resolved run config: glmtune train THIS_FILE reruns it\n" + yaml.safe_dump(
         to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------------

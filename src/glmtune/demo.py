@@ -11,7 +11,6 @@ working directory) with the predictions beside it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ def default_demo_config() -> Path:
 def run_demo(
     config: str | os.PathLike | None = None, overrides=(), printer=print, batch_size: int = 12
 ) -> dict:
+    from .atomic import write_json, write_jsonl
     from .config import load_config
-    from .data import read_examples, write_jsonl_atomic
+    from .data import read_examples
     from .evaluate import evaluate
     from .inference import Engine, GenerationSettings
     from .resolve import resolve_model
@@ -78,7 +78,7 @@ def run_demo(
             before_pred.prompts, before_pred.references, before_pred.outputs, after_pred.outputs
         )
     ]
-    write_jsonl_atomic(out / "demo_predictions.jsonl", rows)
+    write_jsonl(out / "demo_predictions.jsonl", rows)
     report = {
         "model": str(model_path),
         "examples": len(dev),
@@ -88,9 +88,7 @@ def run_demo(
         "train": summary,
         "seconds": time.time() - t0,
     }
-    tmp = out / ".demo_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out / "demo_report.json")
+    write_json(out / "demo_report.json", report, indent=2, ensure_ascii=False)
 
     printer("")
     printer(f"{'metric (held-out dev)':<24}{'before':>10}{'after':>10}{'change':>10}")

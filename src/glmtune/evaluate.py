@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json, write_jsonl, write_text
 from .inference import Engine, GenerationSettings
 from .metrics import rouge_bleu_chatglm3, rouge_bleu_chatglm6b, task_metrics
 from .resolve import ResolvedModel, resolve_model
@@ -172,10 +173,8 @@ def markdown_report(title: str, tuned: dict, base: dict | None, rows: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+# The former name of :func:`glmtune.atomic.write_text`, kept for code that imports it from here.
+write_text_atomic = write_text
 
 
 class PredictionWriter:
@@ -243,9 +242,7 @@ def predict_file(
         writer.close()
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows.sort(key=lambda r: r["index"])
-    from .data import write_jsonl_atomic
-
-    write_jsonl_atomic(out, rows)
+    write_jsonl(out, rows)
     return {"rows": len(rows), "generated": len(todo), "skipped_existing": skipped, "path": str(out)}
 
 
@@ -298,7 +295,7 @@ def run_eval(
     printer=print,
 ) -> dict:
     """``glmtune eval``: reports (JSON, Markdown) and predictions for a model, optionally vs its base."""
-    from .data import read_examples, write_jsonl_atomic
+    from .data import read_examples
 
     settings = settings or GenerationSettings()
     what = resolve_target(target, adapter, generation)
@@ -343,10 +340,10 @@ def run_eval(
         report["delta"] = {k: t[k] - b[k] for k in t if k in b}
     out = Path(out_dir or (what.adapter.parent / "eval" if what.adapter else Path("eval")))
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    write_text_atomic(
+    write_json(out / "report.json", report, indent=2, ensure_ascii=False)
+    write_text(
         out / "report.md", markdown_report(f"glmtune eval: {Path(data).name}", tuned, base, rows, n_examples)
     )
-    write_jsonl_atomic(out / "predictions.jsonl", rows)
+    write_jsonl(out / "predictions.jsonl", rows)
     report["out_dir"] = str(out)
     return report

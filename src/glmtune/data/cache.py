@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glmtune.atomic import atomic_dir
 from glmtune.data.encode import ENCODING_VERSION, EncodeSettings, EncodeStats, encode_all
 from glmtune.data.readers import DataError, read_examples
 
@@ -180,30 +179,28 @@ def _build(path, model: ResolvedModel, settings, fmt, columns, skip_invalid):
 
 
 def _save(ds, entry: Path, meta: dict) -> None:
-    """Write the entry under a temporary name, then rename it into place (atomic on one file system)."""
+    """Write the entry through :func:`glmtune.atomic.atomic_dir`: a reader finds it complete or absent.
+
+    A damaged entry with this key is replaced; when two processes write the same entry at once, either
+    result is valid (they are identical)."""
     import datasets as hf_datasets
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     quiet = not hf_datasets.are_progress_bars_disabled()
+    written = False
     try:
         if quiet:
             hf_datasets.disable_progress_bars()
-        ds.save_to_disk(str(tmp))
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        if entry.exists():
-            # A damaged entry with this key: make room (a concurrent writer may win; either result is valid).
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not (entry / META_FILE).exists():
-                raise
-            # Another process wrote the same entry first; ours is identical and goes away.
+        with atomic_dir(entry, overwrite=True) as tmp:
+            ds.save_to_disk(str(tmp))
+            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+            written = True
+    except OSError:
+        # Our complete entry could not be moved into place because another process's was moving in.
+        if not written or not (entry / META_FILE).exists():
+            raise
     finally:
         if quiet:
             hf_datasets.enable_progress_bars()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenize_cached(

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Re-exported under the name the data API has always had (glmtune.data.write_jsonl_atomic).
+from glmtune.atomic import write_jsonl as write_jsonl_atomic
 from glmtune.errors import GlmtuneError
 
 __all__ = [
@@ -771,52 +772,3 @@ def to_conversations_row(example: Example) -> dict:
         msg.update((k, v) for k, v in m.items() if k not in msg)
         out.append(msg)
     return {"conversations": out}
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write rows as JSONL so that ``path`` holds either its old content or all the new rows.
-
-    Rows go to a temporary file in the same folder (``os.replace`` is only atomic within one file
-    system), which is flushed to disk before it replaces ``path``. Returns the number of rows.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    n = 0
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            for row in rows:
-                line = json.dumps(row, ensure_ascii=False)
-                try:
-                    data = line.encode("utf-8")
-                except UnicodeEncodeError:
-                    # An unpaired surrogate cannot be written as UTF-8; JSON's \\u escape can carry it.
-                    data = json.dumps(row).encode("ascii")
-                f.write(data + b"\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return n
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) on every platform.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

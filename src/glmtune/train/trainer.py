@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..atomic import atomic_dir, replace_dir, write_bytes
 from ..errors import GlmtuneError
 
 STAGING = ".staging"
@@ -172,6 +174,9 @@ class GlmtuneTrainer(Trainer):
         distributed = self.args.parallel_mode.value == "distributed"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+            # An old checkpoint-<step> that a process killed inside replace_dir (below) left aside.
+            for aside in Path(real).glob(f".{PREFIX_CHECKPOINT_DIR}-*.old-*"):
+                shutil.rmtree(aside, ignore_errors=True)
             staging.mkdir(parents=True)
         # Every rank writes into the checkpoint (rng_state_<rank>.pth): only once the staging folder is
         # fresh, and the rename waits until every rank's files are in.
@@ -186,12 +191,10 @@ class GlmtuneTrainer(Trainer):
             torch.distributed.barrier()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            final = Path(real) / name
-            if final.exists():  # a re-run of the same step after a resume: replace it whole
-                # Moved aside first (one rename), never deleted in place: a kill mid-delete would leave
-                # a partial checkpoint-<step> that train.resume=latest then picks.
-                os.replace(final, staging / f"{name}.replaced")
-            os.replace(staging / name, final)
+            # A re-run of the same step after a resume replaces checkpoint-<step> whole. replace_dir moves
+            # the old one aside before the new one goes in, never deletes it in place: a kill mid-delete
+            # would leave a partial checkpoint-<step> that train.resume=latest then picks.
+            replace_dir(staging / name, Path(real) / name)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=real,
@@ -339,20 +342,13 @@ class BestAndPlotCallback(TrainerCallback):
         self.best = loss
         if not state.is_world_process_zero:
             return
-        out = Path(args.output_dir)
-        tmp = out / ".best-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        best = Path(args.output_dir) / "best"
         try:
-            self.trainer._save(str(tmp))
-            (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+            with atomic_dir(best, overwrite=True) as tmp:
+                self.trainer._save(str(tmp))
+                (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
         except OSError as e:  # best/ itself is left as it was
-            raise _save_failed(e, f"best/ (step {state.global_step})", tmp, args.output_dir) from e
-        old = out / ".best-old"
-        if (out / "best").exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out / "best", old)
-        os.replace(tmp, out / "best")
-        shutil.rmtree(old, ignore_errors=True)
+            raise _save_failed(e, f"best/ (step {state.global_step})", best, args.output_dir) from e
 
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
@@ -388,8 +384,7 @@ def plot_losses(history: list[dict], out: Path, title: str = "glmtune training l
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return write_bytes(out, png.getvalue())

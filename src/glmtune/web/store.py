@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from glmtune.data.readers import DataError, iter_raw_rows, read_examples, write_jsonl_atomic
+from glmtune.atomic import write_jsonl
+from glmtune.data.readers import DataError, iter_raw_rows, read_examples
 from glmtune.errors import GlmtuneError
 
 try:  # POSIX; elsewhere only the in-process lock applies
@@ -206,7 +207,7 @@ class LabelStore:
 
     The path is fixed when the store is made; rows are numbered from 1 as the table shows them.
     Every change reads the file afresh under :func:`file_lock`, applies itself and rewrites the file
-    with :func:`~glmtune.data.readers.write_jsonl_atomic`, so concurrent writers never lose a row and
+    with :func:`glmtune.atomic.write_jsonl`, so concurrent writers never lose a row and
     a failed write leaves the previous file. ``update`` and ``delete`` take an optional ``expected``
     fingerprint (from :meth:`fingerprint`): when given, the row must not have changed since it was
     read, or the change is refused (another tab edited or deleted rows in between).
@@ -363,7 +364,7 @@ class LabelStore:
         here belongs to a writer that died mid-write (SIGKILL, power loss): it is swept."""
         for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)
-        write_jsonl_atomic(self.path, rows)
+        write_jsonl(self.path, rows)
 
     def append(self, instruction: str, input: str, output: str, fmt: str | None = None) -> int:
         """Validate and append one row; returns its row number."""
