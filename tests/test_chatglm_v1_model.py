@@ -7,18 +7,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+import glmtune
+from glmtune.errors import ModelLoadError
 from glmtune.models.chatglm_v1 import (
     ChatGLMv1Config,
     ChatGLMv1ForCausalLM,
     chatglm_v1_position_ids_and_mask,
-    load_official_v1,
-    read_official_state_dict,
     save_official_v1,
-    state_dict_check_and_load,
 )
 from glmtune.models.compat import output_cache
 
@@ -44,7 +43,7 @@ def tensors(fixture_dir):
 
 @pytest.fixture(scope="module")
 def model(fixture_dir):
-    return load_official_v1(fixture_dir, dtype=torch.float32)
+    return glmtune.load_model(fixture_dir, dtype=torch.float32)
 
 
 def assert_logits_close(actual: torch.Tensor, reference: torch.Tensor) -> None:
@@ -261,14 +260,21 @@ def test_official_config_round_trip(fixture_dir):
     assert isinstance(AutoConfig.for_model("chatglm6b"), ChatGLMv1Config)
 
 
+def stored_tensors(folder) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
 @pytest.mark.parametrize("safe", [False, True])
 def test_random_model_official_round_trip(tmp_path, safe):
     model = random_model()
     save_official_v1(model, tmp_path, safe=safe)
     assert (tmp_path / ("model.safetensors" if safe else "pytorch_model.bin")).exists()
-    stored = read_official_state_dict(tmp_path)
+    stored = stored_tensors(tmp_path)
     assert "lm_head.weight" in stored and "transformer.layers.1.attention.rotary_emb.inv_freq" in stored
-    loaded = load_official_v1(tmp_path)
+    loaded = glmtune.load_model(tmp_path, dtype=torch.float32)
+    assert isinstance(loaded, ChatGLMv1ForCausalLM)
     ids = prompt_ids(7, 5)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -285,31 +291,109 @@ def test_save_pretrained_reloads_through_auto(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
-def test_loader_names_the_offending_key():
-    source = random_model().state_dict()
+def official_folder(folder, edit=None, config_edit=None):
+    """A random model saved in the official format, its weights (and config.json) edited."""
+    model = random_model()
+    save_official_v1(model, folder, safe=True)
+    if edit is not None:
+        state = load_file(str(folder / "model.safetensors"))
+        edit(state)
+        save_file(state, str(folder / "model.safetensors"))
+    if config_edit is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        config_edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return model
 
-    def fresh():
-        with torch.device("meta"):
-            return ChatGLMv1ForCausalLM(tiny_config())
 
-    missing = {k: v for k, v in source.items() if k != "transformer.layers.1.mlp.dense_4h_to_h.bias"}
+def _drop(key):
+    return lambda state: state.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _drop("transformer.layers.1.mlp.dense_4h_to_h.bias"),
+            r"missing.*layers\.1\.mlp\.dense_4h_to_h\.bias",
+        ),
+        (
+            lambda state: state.update({"transformer.extra": torch.zeros(1)}),
+            r"model\.safetensors: unexpected weight 'transformer\.extra'",
+        ),
+        (
+            lambda state: state.update({"transformer.final_layernorm.bias": torch.zeros(5)}),
+            r"model\.safetensors: weight 'transformer\.final_layernorm\.bias' has shape \(5,\)",
+        ),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_loader_names_the_offending_key(tmp_path, edit, message):
+    official_folder(tmp_path, edit)
+    with pytest.raises(ModelLoadError, match=message):
+        glmtune.load_model(tmp_path)
+
+
+def test_tied_lm_head_equal_absent_or_ignored_keys_load(tmp_path):
+    # Stored equal to the embeddings (as official releases and save_official_v1 do): skipped, tied.
+    model = official_folder(tmp_path / "equal")
+    assert "lm_head.weight" in load_file(str(tmp_path / "equal" / "model.safetensors"))
+    # Absent, with a stray rotary inv_freq (the original recomputes it): loads too.
+    ignorable = official_folder(tmp_path / "absent", _drop("lm_head.weight"))
+    ids = prompt_ids(6, 4)
+    for folder, reference in ((tmp_path / "equal", model), (tmp_path / "absent", ignorable)):
+        loaded = glmtune.load_model(folder)
+        assert loaded.lm_head.weight is loaded.transformer.word_embeddings.weight
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+def test_tied_lm_head_that_differs_is_refused_naming_file_and_key(tmp_path):
+    def untie(state):
+        state["lm_head.weight"] = state["lm_head.weight"] + 1
+
+    official_folder(tmp_path, untie)
     with pytest.raises(
-        ValueError, match=r"missing weight 'transformer\.layers\.1\.mlp\.dense_4h_to_h\.bias'"
+        ModelLoadError,
+        match=r"model\.safetensors: weight 'lm_head\.weight' differs from 'transformer\.word_embeddings",
     ):
-        state_dict_check_and_load(fresh(), missing, "ckpt")
-    with pytest.raises(ValueError, match=r"unexpected weight 'transformer\.extra'"):
-        state_dict_check_and_load(fresh(), {**source, "transformer.extra": torch.zeros(1)}, "ckpt")
-    bad_shape = {**source, "transformer.final_layernorm.bias": torch.zeros(5)}
-    with pytest.raises(ValueError, match=r"'transformer\.final_layernorm\.bias' has shape \(5,\)"):
-        state_dict_check_and_load(fresh(), bad_shape, "ckpt")
-    untied = {**source, "lm_head.weight": torch.zeros_like(source["lm_head.weight"])}
-    with pytest.raises(ValueError, match="lm_head.weight"):
-        state_dict_check_and_load(fresh(), untied, "ckpt")
-    ignorable = {k: v for k, v in source.items() if k != "lm_head.weight"}
-    ignorable["transformer.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(4)
-    model = fresh()
-    state_dict_check_and_load(model, ignorable, "ckpt")
-    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+        glmtune.load_model(tmp_path)
+    # A checkpoint that really has its own lm_head loads untied when config.json says so.
+    config_edit = lambda cfg: cfg.update(tie_word_embeddings=False)  # noqa: E731
+    official_folder(tmp_path, untie, config_edit)
+    loaded = glmtune.load_model(tmp_path)
+    assert loaded.lm_head.weight is not loaded.transformer.word_embeddings.weight
+    assert torch.equal(loaded.lm_head.weight, loaded.transformer.word_embeddings.weight + 1)
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_tied_lm_head_is_checked_across_shards_in_either_order(tmp_path, head_first):
+    save_official_v1(random_model(), tmp_path, safe=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    equal = state.pop("lm_head.weight")
+    head = {"lm_head.weight": equal.clone()}
+    head["lm_head.weight"][0, 0] += 1
+    head_file, rest_file = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file(state, str(tmp_path / rest_file))
+    # The index lists the shards in the order they are read.
+    weight_map = {k: rest_file for k in state}
+    weight_map = (
+        {"lm_head.weight": head_file, **weight_map}
+        if head_first
+        else {**weight_map, "lm_head.weight": head_file}
+    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file(head, str(tmp_path / head_file))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model-00001-of-00002\.safetensors: weight 'lm_head\.weight' differs from "
+        r"'transformer\.word_embeddings\.weight' \(in model-00002-of-00002\.safetensors\)",
+    ):
+        glmtune.load_model(tmp_path)
+    save_file({"lm_head.weight": equal}, str(tmp_path / head_file))
+    loaded = glmtune.load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.transformer.word_embeddings.weight
 
 
 # ---------------------------------------------------------------- training paths
@@ -409,7 +493,7 @@ def test_ptuning_official_round_trip(tmp_path):
     save_official_v1(model, tmp_path)
     official = json.loads((tmp_path / "config.json").read_text())
     assert official["pre_seq_len"] == 2 and official["prefix_projection"] is True
-    loaded = load_official_v1(tmp_path)
+    loaded = glmtune.load_model(tmp_path, dtype=torch.float32)
     ids = prompt_ids(4, 2)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -168,7 +168,7 @@ def test_hf_folder_is_native_glm(glm, generation):
     assert "auto_map" not in cfg and not list(out.glob("*.py"))
     assert (out / "tokenizer.json").exists() and (out / "tokenizer.model").exists()
     tokenizer = glmtune.load_tokenizer(glm[generation]["base"])
-    stops = glmtune.get_template(generation).stop_token_ids(tokenizer)
+    stops = glmtune.spec_for(generation).stop_token_ids(tokenizer)
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert (eos if isinstance(eos, list) else [eos]) == stops
     if generation == "chatglm3":  # max_shard_size="100KB": several shards and an index
@@ -214,7 +214,9 @@ def test_tokenizer_json_matches_glmtune_tokenizer(glm, plain, generation):
     template = glmtune.get_template(generation)
     for chat, ids in zip(SELF_CHECK_CHATS, got["chats"]):
         assert ids == template.encode_prompt(slow, list(chat))
-    assert (got["eos"] if isinstance(got["eos"], list) else [got["eos"]]) == template.stop_token_ids(slow)
+    assert (got["eos"] if isinstance(got["eos"], list) else [got["eos"]]) == glmtune.spec_for(
+        generation
+    ).stop_token_ids(slow)
     # glmtune's own sentencepiece class still reads the exported files.
     from glmtune.tokenization import load_chatglm_tokenizer
 

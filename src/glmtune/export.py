@@ -60,14 +60,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import ConfigError
 from .resolve import resolve_model, resolve_model_path
 from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, read_json
@@ -271,25 +269,6 @@ def _check_out_dir(out_dir: Path, protected: list[Path], overwrite: bool) -> Non
         )
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out_dir``, renamed to ``out_dir`` when the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _update_json(path: Path, **values) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(values)
@@ -297,7 +276,7 @@ def _update_json(path: Path, **values) -> None:
 
 
 def _generation_config(model, tokenizer, spec: ModelSpec) -> dict:
-    stops = [int(i) for i in spec.template.stop_token_ids(tokenizer)]
+    stops = [int(i) for i in spec.stop_token_ids(tokenizer)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     out = {"eos_token_id": stops if len(stops) != 1 else stops[0], "pad_token_id": pad}
     bos = getattr(model.config, "bos_token_id", None)
@@ -544,16 +523,16 @@ def write_fast_tokenizer(tokenizer, spec: ModelSpec, out_dir: Path) -> bool:
 def _save_tokenizer(tokenizer, spec: ModelSpec, out_dir: Path, fmt: str) -> None:
     tokenizer.save_pretrained(str(out_dir))
     cfg_path = out_dir / "tokenizer_config.json"
-    if fmt == "hf" and spec.name in ("chatglm2", "chatglm3") and hasattr(tokenizer, "_command_ids"):
+    if fmt == "hf" and spec.exports_fast_tokenizer and hasattr(tokenizer, "_command_ids"):
         write_fast_tokenizer(tokenizer, spec, out_dir)
     elif cfg_path.exists():
         cfg = read_json(cfg_path)
         if cfg.get("tokenizer_class") == "TokenizersBackend":
             # transformers 5's name; transformers 4 (vLLM) knows the same class as PreTrainedTokenizerFast.
             _update_json(cfg_path, tokenizer_class="PreTrainedTokenizerFast")
-        if fmt == "official" and spec.name == "glm4":
-            # As the official GLM-4 folder names it (how glmtune tells GLM-4 from ChatGLM3 by the files).
-            _update_json(cfg_path, tokenizer_class="ChatGLM4Tokenizer")
+        if fmt == "official" and spec.official_tokenizer_class:
+            # As the official folder names it (how glmtune tells GLM-4 from ChatGLM3 by the files).
+            _update_json(cfg_path, tokenizer_class=spec.official_tokenizer_class)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -575,8 +554,9 @@ def _write_hf(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size) -> N
     cfg_path = out / "config.json"
     cfg = read_json(cfg_path)
     rope = cfg.get("rope_parameters")
-    if cfg.get("model_type") == "glm" and isinstance(rope, dict):
-        # transformers 4 readers (vLLM) take the RoPE settings from top-level keys.
+    if spec.official_format and isinstance(rope, dict):
+        # A native GlmForCausalLM export of the ChatGLM family: transformers 4 readers (vLLM) take the
+        # RoPE settings from top-level keys.
         extra = {k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope and k not in cfg}
         if extra:
             _update_json(cfg_path, **extra)
@@ -617,9 +597,7 @@ def _load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool):
     from .loading import load_tokenizer
     from .tokenization import load_chatglm_tokenizer
 
-    vocab = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}.get(
-        spec.name
-    )
+    vocab = spec.vocab_file if spec.tokenizer_loader in ("chatglm_v1", "chatglm_spm") else None
     if vocab and path.is_dir() and (path / vocab).exists() and (path / "tokenizer_config.json").exists():
         return load_chatglm_tokenizer(path, spec.name)
     return load_tokenizer(path, generation=spec.name, trust_remote_code=trust_remote_code)
@@ -690,7 +668,7 @@ def export(
             f"checkpoint beside it in {PTUNING_DIR}/, loaded by glmtune.load_model(OUT, adapter=OUT/'{PTUNING_DIR}') "
             "or the official code. Or train LoRA to get a mergeable adapter."
         )
-    if spec.name == "chatglm" and fmt == "hf":
+    if not spec.has_transformers_class and fmt == "hf":
         log.warning(
             "ChatGLM-6B (v1) has no transformers class, so there is no plain transformers layout for it: "
             "writing the official ChatGLM-6B layout instead (loads with glmtune.load_model or the "
@@ -717,7 +695,8 @@ def export(
     model = merge_lora(model)
     tokenizer = _load_tokenizer(_tokenizer_source(src), spec, src.trust_remote_code)
 
-    with _atomic_dir(out_dir) as tmp:
+    # _check_out_dir has refused a non-empty out_dir without overwrite, with the message users see.
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if fmt == "hf":
             _write_hf(model, tokenizer, spec, tmp, max_shard_size)
         else:

@@ -56,7 +56,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.spec = spec
         self.template = spec.template
-        self.stop_ids = self.template.stop_token_ids(tokenizer)
+        self.stop_ids = spec.stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         # One generation at a time per engine: the model's KV cache and RNG are not shared safely.
         self.lock = threading.Lock()

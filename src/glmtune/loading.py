@@ -11,8 +11,6 @@ import hashlib
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_dir
 from .errors import ModelLoadError
 from .resolve import ResolvedModel, resolve_model
 from .specs import GLMTUNE_GENERATION_KEY, find_gguf, read_json
@@ -134,11 +133,17 @@ def stream_into(
     dtype: torch.dtype,
     skip: Callable[[str], bool] = lambda name: False,
     keep_fp32: Callable[[str], bool] = lambda name: False,
+    inspect: Callable[[Path, str, torch.Tensor], None] | None = None,
 ) -> set[str]:
-    """Read every tensor of ``files``, map its name, cast floats to ``dtype``, put it into ``model``."""
+    """Read every tensor of ``files``, map its name, cast floats to ``dtype``, put it into ``model``.
+
+    ``inspect(file, key, tensor)`` sees every stored tensor as read, skipped ones included.
+    """
     loaded: set[str] = set()
     for file in files:
         for key, tensor in iter_tensors(file):
+            if inspect is not None:
+                inspect(file, key, tensor)
             for name, t in mapper(key, tensor) if not skip(key) else []:
                 if name in loaded:
                     raise ModelLoadError(f"{file}: weight {name!r} appears twice")
@@ -409,16 +414,16 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
 
     config_file = path / "config.json"
     try:
-        config = (
-            ChatGLMv1Config.from_official(cfg)
-            if cfg.get("model_type") == "chatglm"
-            else ChatGLMv1Config(**cfg)
-        )
+        # Either spelling of the model_type ("chatglm" official, "chatglm6b" glmtune's own save).
+        config = ChatGLMv1Config.from_official(cfg)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError, NotImplementedError) as e:
         raise ModelLoadError(f"{config_file}: cannot build the model from it: {e}") from None
     files = weight_files(path)
     _check_size(config_file, lambda: _v1_params(config), files)
     _check_layers(config_file, config.num_layers, files)
+    # A P-Tuning v2 prefix comes from the adapter (or starts fresh) when one is given; otherwise a folder
+    # whose own config.json has pre_seq_len holds its prefix encoder (float32) among its weights.
+    own_prefix = not ptuning and config.pre_seq_len is not None
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
     model = _empty_model(ChatGLMv1ForCausalLM, config)
@@ -431,13 +436,66 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
         # inv_freq is recomputed (the original ignores the stored copy); a tied lm_head is the embedding.
         skip=lambda k: (
             k.endswith("rotary_emb.inv_freq")
-            or k.startswith("transformer.prefix_encoder.")
-            or (tied and k == "lm_head.weight")
+            or (k.startswith("transformer.prefix_encoder.") and not own_prefix)
+            or (tied and k == _V1_HEAD)
         ),
+        keep_fp32=lambda n: n.startswith("transformer.prefix_encoder."),
+        inspect=_TiedHeadCheck() if tied else None,
     )
     _tie_if_needed(model)
-    _check_missing(model, path, allowed_missing=lambda n: ".prefix_encoder." in n)
+    _check_missing(model, path, allowed_missing=lambda n: not own_prefix and ".prefix_encoder." in n)
     return model
+
+
+_V1_HEAD, _V1_EMBED = "lm_head.weight", "transformer.word_embeddings.weight"
+
+
+class _TiedHeadCheck:
+    """A stored ``lm_head.weight`` of a tied ChatGLM-6B must equal the word embeddings.
+
+    The official model ties its output layer to ``transformer.word_embeddings.weight`` (its config.json
+    has no ``tie_word_embeddings``, so transformers' default, true, applies), and official checkpoints
+    may or may not store ``lm_head.weight``, equal to the embeddings. An equal copy is skipped; a
+    different one is refused naming the file and key: glmtune's model ties the two, so loading would
+    silently drop a trained lm_head. Streaming: whichever of the two is read first is held until the
+    other is read (no extra memory when it is the tensor put into the model, or memory-mapped).
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[Path, torch.Tensor]] = {}
+        self.head_seen = False
+
+    def __call__(self, file: Path, key: str, tensor: torch.Tensor) -> None:
+        if key not in (_V1_HEAD, _V1_EMBED):
+            return
+        if key == _V1_HEAD:
+            if self.head_seen:
+                raise ModelLoadError(f"{file}: weight {_V1_HEAD!r} appears twice")
+            self.head_seen = True
+        self.pending[key] = (file, tensor)
+        if len(self.pending) < 2:
+            return
+        (head_file, head), (embed_file, embed) = self.pending.pop(_V1_HEAD), self.pending.pop(_V1_EMBED)
+        where = "" if embed_file == head_file else f" (in {embed_file.name})"
+        if tuple(head.shape) != tuple(embed.shape):
+            differs = f"has shape {tuple(head.shape)}, {_V1_EMBED!r}{where} {tuple(embed.shape)}"
+        else:
+            common = torch.promote_types(head.dtype, embed.dtype)
+            if torch.equal(head.to(common), embed.to(common)):
+                return
+            differs = f"differs from {_V1_EMBED!r}{where}"
+        raise ModelLoadError(
+            f"{head_file}: weight {_V1_HEAD!r} {differs}, but this ChatGLM-6B ties its output layer to "
+            "the word embeddings, so loading would silently drop the stored lm_head; refused. Set "
+            '"tie_word_embeddings": false in config.json to load the two untied.'
+        )
+
+
+# ModelSpec.loader -> reader of that official layout: (folder, config.json, dtype, P-Tuning settings).
+_OFFICIAL_LOADERS: dict[str, Callable] = {
+    "chatglm_v1": _load_chatglm_v1,
+    "glm_official": _load_glm_official,
+}
 
 
 def cache_dir() -> Path:
@@ -459,22 +517,21 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     if (out / "config.json").exists():
         return out
     log.info("converting %s to a transformers folder in %s (once)", gguf, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        # The tensors are already de-quantized to float32; drop the GGUF "quantizer" marker so the
-        # result saves (and later loads) as a plain float model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
-        os.replace(tmp, out)
+        # overwrite: a folder without config.json here is no conversion; another process converting the
+        # same file at once swaps in an identical folder.
+        with atomic_dir(out, overwrite=True) as tmp:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            # The tensors are already de-quantized to float32; drop the GGUF "quantizer" marker so the
+            # result saves (and later loads) as a plain float model.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp))
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ModelLoadError(f"{gguf}: cannot read the GGUF file: {e}") from None
     return out
 
@@ -586,17 +643,17 @@ def load_model(
         raise ModelLoadError(f"P-Tuning v2 is not supported for {spec.name} models ({path})")
 
     cfg = dict(ref.config)
-    official = spec.loader != "hf" and cfg.get("model_type") in ("chatglm", "chatglm6b")
-    if official and spec.loader == "chatglm_v1":
-        loaded = _load_chatglm_v1(path, cfg, ref.dtype, ptuning)
-    elif official:
-        loaded = _load_glm_official(path, cfg, ref.dtype, ptuning)
-    else:
+    # The spec names how its official layout is read; any other folder (a native -hf export, a GGUF
+    # file) goes through transformers.
+    layout = spec.loader if spec.is_official_folder(cfg) else "hf"
+    if layout == "hf":
         if ptuning:
             raise ModelLoadError(
                 f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only"
             )
         loaded = _load_hf(path, ref.dtype, ref.trust_remote_code)
+    else:
+        loaded = _OFFICIAL_LOADERS[layout](path, cfg, ref.dtype, ptuning)
     if kind == "ptuning":
         _load_prefix(loaded, adapter)
     elif ptuning:
@@ -625,15 +682,19 @@ def load_tokenizer(
     """
     ref = resolve_model(model, generation=generation, trust_remote_code=trust_remote_code)
     path, spec, trust_remote_code = ref.path, ref.spec, ref.trust_remote_code
+    vocab = path / spec.vocab_file if spec.vocab_file and path.is_dir() else None
     # The sentencepiece file is authoritative for ChatGLM-6B/2/3 (an exported folder also carries a
     # tokenizer.json for plain transformers; glmtune's own class keeps the template helpers).
-    if spec.name in ("chatglm", "chatglm2", "chatglm3") and any(
-        (path / f).exists() for f in ("tokenizer.model", "ice_text.model")
-    ):
+    if spec.tokenizer_loader in ("chatglm_v1", "chatglm_spm") and vocab is not None and vocab.exists():
         from .tokenization import load_chatglm_tokenizer
 
         return load_chatglm_tokenizer(path, spec.name)
-    if spec.name == "glm4" and not (path / "tokenizer.json").exists() and (path / "tokenizer.model").exists():
+    if (
+        spec.tokenizer_loader == "glm4_tiktoken"
+        and vocab is not None
+        and vocab.exists()
+        and not (path / "tokenizer.json").exists()
+    ):
         from .tokenization.glm4 import load_glm4_tiktoken
 
         tok_cfg = path / "tokenizer_config.json"

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import GlmtuneError
+from .specs import REGISTRY
 
 AUTO_MAP = {
     "AutoConfig": "configuration_chatglm.ChatGLMConfig",
@@ -70,6 +70,30 @@ def write_state_dict(
     return names
 
 
+def _write_v1(model, folder: Path, generation: str, safe: bool, max_shard_bytes: int) -> None:
+    from .models.chatglm_v1 import save_official_v1
+
+    save_official_v1(model, folder, safe=safe)
+
+
+def _write_glm(model, folder: Path, generation: str, safe: bool, max_shard_bytes: int) -> None:
+    """A native GlmForCausalLM in the official ChatGLM2/3 / GLM-4 layout (fused q/k/v, official names)."""
+    from .models.glm_official import native_to_official, official_config_from_glm
+
+    cfg = official_config_from_glm(model.config, generation)
+    cfg["auto_map"] = AUTO_MAP
+    if getattr(model.config, "pre_seq_len", None):
+        cfg["pre_seq_len"] = model.config.pre_seq_len
+        cfg["prefix_projection"] = bool(getattr(model.config, "prefix_projection", False))
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    write_state_dict(native_to_official(state), folder, safe=safe, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+
+
+# ModelSpec.loader (the layout the spec reads) -> the writer of that same layout.
+_WRITERS = {"chatglm_v1": _write_v1, "glm_official": _write_glm}
+
+
 def save_official(
     model,
     out_dir: str | os.PathLike,
@@ -81,35 +105,15 @@ def save_official(
 ) -> Path:
     """Save a glmtune model in the official ChatGLM format of ``generation``, atomically.
 
-    The folder is written under a temporary name beside ``out_dir`` and renamed into place.
+    The folder is written under a temporary name beside ``out_dir`` and moved into place by
+    :func:`glmtune.atomic.atomic_dir`, replacing an existing ``out_dir`` only once the new one is complete.
     """
+    spec = REGISTRY.get(generation)
+    if spec is None or not spec.official_format:
+        raise GlmtuneError(f"no official format for {generation!r} models")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        if generation == "chatglm":
-            from .models.chatglm_v1 import save_official_v1
-
-            save_official_v1(model, tmp, safe=safe)
-        elif generation in ("chatglm2", "chatglm3", "glm4"):
-            from .models.glm_official import native_to_official, official_config_from_glm
-
-            cfg = official_config_from_glm(model.config, generation)
-            cfg["auto_map"] = AUTO_MAP
-            if getattr(model.config, "pre_seq_len", None):
-                cfg["pre_seq_len"] = model.config.pre_seq_len
-                cfg["prefix_projection"] = bool(getattr(model.config, "prefix_projection", False))
-            state = {k: v.detach() for k, v in model.state_dict().items()}
-            write_state_dict(native_to_official(state), tmp, safe=safe, max_shard_bytes=max_shard_bytes)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-        else:
-            raise GlmtuneError(f"no official format for {generation!r} models")
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        _WRITERS[spec.loader](model, tmp, generation, safe, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -29,15 +29,46 @@ class ModelSpec:
     # Module names LoRA wraps by default (on glmtune's native module names).
     lora_targets: tuple[str, ...]
     supports_ptuning: bool
-    # True when the folder is in an official ChatGLM layout that glmtune maps to its own classes.
+    # True when the generation has an official ChatGLM layout that glmtune reads and writes.
     official_format: bool
     # Tokens that also end a reply, besides eos (names in the tokenizer's vocabulary).
     extra_stop_tokens: tuple[str, ...] = field(default=())
     # Official LoRA target names -> glmtune's native names (for adapters trained on the remote code).
     official_lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # How the weights are read: "glm_official" (renamed into GlmForCausalLM), "chatglm_v1" (glmtune's
-    # own class, official names), "hf" (transformers from_pretrained; GGUF too).
+    # How an official-layout folder is read and written: "glm_official" (renamed into GlmForCausalLM),
+    # "chatglm_v1" (glmtune's own class, official names), "hf" (transformers from_pretrained; GGUF too).
     loader: str = "hf"
+    # config.json model_type values of the official layout (other folders load through transformers).
+    official_model_types: tuple[str, ...] = ()
+    # The tokenizer: "chatglm_v1" / "chatglm_spm" (glmtune's sentencepiece classes, from vocab_file),
+    # "glm4_tiktoken" (vocab_file is a tiktoken vocabulary, used when there is no tokenizer.json), or
+    # "auto" (transformers' AutoTokenizer).
+    tokenizer_loader: str = "auto"
+    vocab_file: str | None = None
+    # ChatGLM3 / GLM-4 role tokens (<|user|>, <|assistant|>, ...) in the vocabulary.
+    chat_role_tokens: bool = False
+    # An official-layout export names this tokenizer class (how detection tells GLM-4 from ChatGLM3).
+    official_tokenizer_class: str | None = None
+    # A plain transformers ("hf") export writes a tokenizer.json built from the sentencepiece model.
+    exports_fast_tokenizer: bool = False
+    # transformers has a class for it (otherwise an "hf" export writes the official layout).
+    has_transformers_class: bool = True
+    # Rows can be packed (restarted position ids separate the examples).
+    supports_packing: bool = True
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Ids that end a reply: eos first, then ``extra_stop_tokens`` the vocabulary knows."""
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        unk = getattr(tokenizer, "unk_token_id", None)
+        for token in self.extra_stop_tokens:
+            i = tokenizer.convert_tokens_to_ids(token)
+            if i is not None and i != unk:
+                ids.append(i)
+        return list(dict.fromkeys(ids))
+
+    def is_official_folder(self, config: dict) -> bool:
+        """Whether a folder with this config.json is in this generation's official layout."""
+        return config.get("model_type") in self.official_model_types
 
 
 _GLM_NATIVE_QKV = {
@@ -46,6 +77,8 @@ _GLM_NATIVE_QKV = {
     "dense_h_to_4h": ("gate_up_proj",),
     "dense_4h_to_h": ("down_proj",),
 }
+# model_type of the official ChatGLM folders (ChatGLM-6B says "chatglm6b" in some releases).
+_OFFICIAL_TYPES = ("chatglm", "chatglm6b")
 
 REGISTRY: dict[str, ModelSpec] = {
     "chatglm": ModelSpec(
@@ -56,6 +89,11 @@ REGISTRY: dict[str, ModelSpec] = {
         lora_targets=("query_key_value",),
         supports_ptuning=True,
         official_format=True,
+        official_model_types=_OFFICIAL_TYPES,
+        tokenizer_loader="chatglm_v1",
+        vocab_file="ice_text.model",
+        has_transformers_class=False,
+        supports_packing=False,  # 2D positions and prefix-LM attention cannot be restarted per example
     ),
     "chatglm2": ModelSpec(
         name="chatglm2",
@@ -66,6 +104,10 @@ REGISTRY: dict[str, ModelSpec] = {
         supports_ptuning=True,
         official_format=True,
         official_lora_targets=_GLM_NATIVE_QKV,
+        official_model_types=_OFFICIAL_TYPES,
+        tokenizer_loader="chatglm_spm",
+        vocab_file="tokenizer.model",
+        exports_fast_tokenizer=True,
     ),
     "chatglm3": ModelSpec(
         name="chatglm3",
@@ -77,6 +119,11 @@ REGISTRY: dict[str, ModelSpec] = {
         official_format=True,
         extra_stop_tokens=("<|user|>", "<|observation|>"),
         official_lora_targets=_GLM_NATIVE_QKV,
+        official_model_types=_OFFICIAL_TYPES,
+        tokenizer_loader="chatglm_spm",
+        vocab_file="tokenizer.model",
+        chat_role_tokens=True,
+        exports_fast_tokenizer=True,
     ),
     "glm4": ModelSpec(
         name="glm4",
@@ -88,6 +135,11 @@ REGISTRY: dict[str, ModelSpec] = {
         official_format=True,
         extra_stop_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
         official_lora_targets=_GLM_NATIVE_QKV,
+        official_model_types=_OFFICIAL_TYPES,
+        tokenizer_loader="glm4_tiktoken",
+        vocab_file="tokenizer.model",
+        chat_role_tokens=True,
+        official_tokenizer_class="ChatGLM4Tokenizer",
     ),
     "hf": ModelSpec(
         name="hf",

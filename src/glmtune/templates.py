@@ -82,16 +82,18 @@ def _rounds(messages: list[dict]) -> tuple[str, list[tuple[str, str]], str]:
 
 class Template:
     name = "base"
+    # Tool definitions (a system message's ``tools``) can be rendered.
+    supports_tools = False
+    # ``observation`` (tool result) messages can be rendered.
+    supports_observation = False
+    # A reply starts with a metadata line (a tool name, usually empty) that clean_reply drops.
+    reply_has_metadata_line = False
 
     def encode_prompt(self, tokenizer, messages: list[dict]) -> list[int]:
         raise NotImplementedError
 
     def encode_example(self, tokenizer, messages: list[dict], train_on_prompt: bool = False) -> Encoded:
         raise NotImplementedError
-
-    def stop_token_ids(self, tokenizer) -> list[int]:
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return ids
 
     def clean_reply(self, text: str, partial: bool = False) -> str:
         """Decoded reply text as shown to a user (``partial``: the first piece of a stream)."""
@@ -158,9 +160,12 @@ class ChatGLM2Template(Template):
 class RoleTokenTemplate(Template):
     """ChatGLM3 / GLM-4: ``[gMASK] sop`` + per message ``<|role|>`` metadata ``\\n`` content."""
 
-    def __init__(self, name: str, stop_tokens: tuple[str, ...]):
+    supports_tools = True
+    supports_observation = True
+    reply_has_metadata_line = True
+
+    def __init__(self, name: str):
         self.name = name
-        self._stop_tokens = stop_tokens
 
     def _message_ids(self, tok, role: str, metadata: str, content: str) -> list[int]:
         raise NotImplementedError
@@ -211,16 +216,10 @@ class RoleTokenTemplate(Template):
             return text.lstrip("\n")
         return text.split("\n", 1)[1].strip() if "\n" in text else text.strip()
 
-    def stop_token_ids(self, tokenizer):
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in self._stop_tokens]
-        if tokenizer.eos_token_id is not None:
-            ids.insert(0, tokenizer.eos_token_id)
-        return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
-
 
 class ChatGLM3Template(RoleTokenTemplate):
     def __init__(self):
-        super().__init__("chatglm3", ("<|user|>", "<|observation|>"))
+        super().__init__("chatglm3")
 
     def _message_ids(self, tok, role, metadata, content):
         return tok.build_single_message(role, metadata, content)
@@ -232,7 +231,7 @@ class GLM4Template(RoleTokenTemplate):
     _sop = "<sop>"
 
     def __init__(self):
-        super().__init__("glm4", ("<|endoftext|>", "<|user|>", "<|observation|>"))
+        super().__init__("glm4")
 
     def _message_ids(self, tok, role, metadata, content):
         role_id = tok.convert_tokens_to_ids(f"<|{role}|>")
@@ -243,6 +242,8 @@ class HFChatTemplate(Template):
     """Any model with a Jinja chat template in its tokenizer (``tokenizer.apply_chat_template``)."""
 
     name = "hf"
+    # The model's own Jinja template decides what an observation message means.
+    supports_observation = True
 
     @staticmethod
     def _plain(messages):

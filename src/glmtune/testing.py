@@ -98,11 +98,63 @@ def _glm4_tokenizer(out_dir: Path):
     return fast
 
 
-def _mark_glm4_tokenizer_config(out_dir: Path) -> None:
+def _mark_tokenizer_class(out_dir: Path, cls: str) -> None:
+    """Name the tokenizer class as the official folder does (and its remote-code entry, never run)."""
     cfg = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["tokenizer_class"] = "ChatGLM4Tokenizer"  # as the official GLM-4 folder names it
-    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]}
+    cfg["tokenizer_class"] = cls
+    cfg["auto_map"] = {"AutoTokenizer": [f"tokenization_chatglm.{cls}", None]}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+
+
+def _tiny_v1(work: Path, spec, sizes: dict):
+    """ChatGLM-6B: glmtune's own class and an ice_text.model sentencepiece vocabulary."""
+    from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+    from .tokenization import ChatGLMv1Tokenizer
+    from .tokenization.testing import train_tiny_spm_v1
+
+    spm = train_tiny_spm_v1(work / spec.vocab_file, CORPUS, sizes.pop("spm_vocab", 600))
+    tokenizer = ChatGLMv1Tokenizer(str(spm), num_image_tokens=0)
+    cfg = ChatGLMv1Config(
+        vocab_size=640,
+        hidden_size=sizes.get("hidden", 64),
+        num_layers=sizes.get("layers", 2),
+        num_attention_heads=sizes.get("heads", 4),
+        inner_hidden_size=sizes.get("ffn", 128),
+        max_sequence_length=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        gmask_token_id=tokenizer.gmask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return ChatGLMv1ForCausalLM(cfg), tokenizer
+
+
+def _tiny_glm_spm(work: Path, spec, sizes: dict):
+    """ChatGLM2/3: native GlmForCausalLM and a tokenizer.model sentencepiece vocabulary."""
+    from transformers import GlmForCausalLM
+
+    from .tokenization import ChatGLMTokenizer
+    from .tokenization.testing import train_tiny_spm
+
+    spm = train_tiny_spm(work / spec.vocab_file, CORPUS, sizes.pop("spm_vocab", 500))
+    tokenizer = ChatGLMTokenizer(str(spm), chat_roles=spec.chat_role_tokens)
+    return GlmForCausalLM(_glm_config(len(tokenizer) + 7, eos=tokenizer.eos_token_id, **sizes)), tokenizer
+
+
+def _tiny_glm4(work: Path, spec, sizes: dict):
+    """GLM-4: native GlmForCausalLM and a byte-level BPE standing in for the tiktoken vocabulary."""
+    from transformers import GlmForCausalLM
+
+    tokenizer = _glm4_tokenizer(work)
+    model = GlmForCausalLM(
+        _glm_config(len(tokenizer) + 8, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, **sizes)
+    )
+    return model, tokenizer
+
+
+# ModelSpec.tokenizer_loader -> builder of a tiny random (model, tokenizer) of that generation.
+_TINY_BUILDERS = {"chatglm_v1": _tiny_v1, "chatglm_spm": _tiny_glm_spm, "glm4_tiktoken": _tiny_glm4}
 
 
 def make_tiny_model(
@@ -116,53 +168,20 @@ def make_tiny_model(
 ) -> Path:
     """Write a tiny random model of ``generation`` in its official format into ``out_dir``."""
     from .official_format import save_official
-    from .tokenization.testing import train_tiny_spm, train_tiny_spm_v1
+    from .specs import get_spec
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.vocab"
     work.mkdir(exist_ok=True)
-    if generation == "chatglm":
-        from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
-        from .tokenization import ChatGLMv1Tokenizer
-
-        spm = train_tiny_spm_v1(work / "ice_text.model", CORPUS, sizes.pop("spm_vocab", 600))
-        tokenizer = ChatGLMv1Tokenizer(str(spm), num_image_tokens=0)
-        cfg = ChatGLMv1Config(
-            vocab_size=640,
-            hidden_size=sizes.get("hidden", 64),
-            num_layers=sizes.get("layers", 2),
-            num_attention_heads=sizes.get("heads", 4),
-            inner_hidden_size=sizes.get("ffn", 128),
-            max_sequence_length=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            mask_token_id=tokenizer.mask_token_id,
-            gmask_token_id=tokenizer.gmask_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = ChatGLMv1ForCausalLM(cfg)
-    elif generation in ("chatglm2", "chatglm3"):
-        from transformers import GlmForCausalLM
-
-        from .tokenization import ChatGLMTokenizer
-
-        spm = train_tiny_spm(work / "tokenizer.model", CORPUS, sizes.pop("spm_vocab", 500))
-        tokenizer = ChatGLMTokenizer(str(spm), chat_roles=generation == "chatglm3")
-        model = GlmForCausalLM(_glm_config(len(tokenizer) + 7, eos=tokenizer.eos_token_id, **sizes))
-    elif generation == "glm4":
-        from transformers import GlmForCausalLM
-
-        tokenizer = _glm4_tokenizer(work)
-        model = GlmForCausalLM(
-            _glm_config(len(tokenizer) + 8, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, **sizes)
-        )
-    else:
+    spec = get_spec(generation)
+    if not spec.official_format:
         raise ValueError(f"no official format for {generation!r}")
+    model, tokenizer = _TINY_BUILDERS[spec.tokenizer_loader](work, spec, sizes)
     _randomize(model, seed)
     save_official(model, out_dir, generation, safe=safe, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
-    if generation == "glm4":
-        _mark_glm4_tokenizer_config(out_dir)
+    if spec.official_tokenizer_class:
+        _mark_tokenizer_class(out_dir, spec.official_tokenizer_class)
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["_name_or_path"] = f"tiny-{generation}"

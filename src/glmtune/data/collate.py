@@ -118,32 +118,29 @@ def check_packing(model: Any) -> None:
     """Raise :class:`ConfigError` when ``model`` cannot be trained on packed rows.
 
     ``model``: a registry name ("chatglm", "chatglm3", ...), a model folder, a
-    :class:`~glmtune.resolve.ResolvedModel`, or a loaded model.
+    :class:`~glmtune.resolve.ResolvedModel`, or a loaded model. Its spec says whether packing works.
     """
-    name = None
-    if hasattr(model, "spec") and hasattr(model, "generation"):  # a ResolvedModel: already known
-        name = model.generation
-    elif isinstance(model, str) or hasattr(model, "__fspath__"):
-        from glmtune.specs import spec_for
+    from glmtune.specs import GLMTUNE_GENERATION_KEY, get_spec, spec_for
 
-        name = spec_for(model).name
+    config = getattr(model, "config", None)
+    if getattr(model, "spec", None) is not None:  # a ResolvedModel: already known
+        spec = model.spec
+    elif isinstance(model, str) or hasattr(model, "__fspath__"):
+        spec = spec_for(model)
     else:
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) in ("chatglm6b", "chatglm") or getattr(
-            config, "position_encoding_2d", False
-        ):
-            name = "chatglm"
+        # A loaded model: glmtune's loader records its generation in the config.
+        spec = get_spec(getattr(config, GLMTUNE_GENERATION_KEY, None) or "hf")
         if getattr(config, "pre_seq_len", None):
             raise ConfigError(
                 "packing is not supported with a P-Tuning v2 prefix: the prefix is passed to the model as "
                 "past key values, which turns off transformers' packed-sequence masking, so packed "
                 "examples would attend to each other; train without packing"
             )
-    if name == "chatglm":
+    if not spec.supports_packing:
         raise ConfigError(
-            "packing is not supported for ChatGLM-6B (v1): its 2D position ids and prefix-LM attention "
-            "(the prompt attends both ways) cannot be separated per example by restarting position ids; "
-            "train it without packing"
+            f"packing is not supported for {spec.description.split(':')[0]}: its position ids and attention "
+            "cannot be separated per example by restarting position ids (ChatGLM-6B's 2D positions and "
+            "prefix-LM attention let the prompt attend both ways); train it without packing"
         )
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -39,18 +38,12 @@ __all__ = [
     "ChatGLMv1Model",
     "ChatGLMv1ForCausalLM",
     "chatglm_v1_position_ids_and_mask",
-    "read_official_state_dict",
-    "state_dict_check_and_load",
-    "load_official_v1",
     "save_official_v1",
 ]
 
 # The original GLMBlock is constructed without `num_layers`, so its residual scale always uses the default 28.
 _RESIDUAL_SCALE_LAYERS = 28
 _RESIDUAL_ALPHA = math.sqrt(2 * _RESIDUAL_SCALE_LAYERS)
-
-# Checkpoint keys the original ignores on load: the rotary inverse frequencies are recomputed.
-_IGNORED_CHECKPOINT_KEY = re.compile(r"^transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq$")
 
 # Official config fields that describe the checkpoint's packaging rather than the model.
 _OFFICIAL_PACKAGING_KEYS = (
@@ -91,6 +84,8 @@ class ChatGLMv1Config(PreTrainedConfig):
     """
 
     model_type = "chatglm6b"
+    # The ModelSpec entry this class belongs to (glmtune's loader also records it on every config).
+    glmtune_generation = "chatglm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {
         "num_hidden_layers": "num_layers",
@@ -771,123 +766,6 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
 AutoConfig.register(ChatGLMv1Config.model_type, ChatGLMv1Config, exist_ok=True)
 AutoModel.register(ChatGLMv1Config, ChatGLMv1Model, exist_ok=True)
 AutoModelForCausalLM.register(ChatGLMv1Config, ChatGLMv1ForCausalLM, exist_ok=True)
-
-
-def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an official checkpoint directory: single or sharded (`*.index.json`) safetensors or
-    `pytorch_model*.bin` (loaded with weights_only=True)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-
-    def load_one(file: Path) -> dict[str, torch.Tensor]:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.exists():
-            state_dict: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state_dict.update(load_one(path / shard))
-            return state_dict
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).exists():
-            return load_one(path / name)
-    raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin (or sharded index) in {path}")
-
-
-def state_dict_check_and_load(
-    model: ChatGLMv1ForCausalLM,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    allow_missing: Iterable[str] = (),
-) -> None:
-    """Load official-named tensors into `model` (which may live on the meta device), strictly.
-
-    Ignores `...rotary_emb.inv_freq`; accepts `lm_head.weight` absent or equal to the word embeddings when
-    tied; raises naming the key on any unexpected, missing or shape-mismatched tensor. Keys starting with a
-    prefix in `allow_missing` (e.g. "transformer.prefix_encoder.") may be absent: they are freshly initialised.
-    Floating tensors are cast to `dtype` (default: the model's), except the float32 prefix encoder.
-    """
-    allow_missing = tuple(allow_missing)
-    device = torch.device(device) if device is not None else None
-    if device is None:
-        device = next(model.parameters()).device
-        device = torch.device("cpu") if device.type == "meta" else device
-    dtype = dtype or model.dtype
-    tied = bool(model.config.tie_word_embeddings)
-    head_key, embed_key = "lm_head.weight", "transformer.word_embeddings.weight"
-
-    expected = model.state_dict()
-    given = {k: v for k, v in state_dict.items() if not _IGNORED_CHECKPOINT_KEY.match(k)}
-    unexpected = sorted(set(given) - set(expected))
-    if unexpected:
-        raise ValueError(
-            f"{source}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
-        )
-    optional = {head_key} if tied else set()
-    missing = sorted(k for k in set(expected) - set(given) - optional if not k.startswith(allow_missing))
-    if missing:
-        raise ValueError(f"{source}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
-    for key, tensor in given.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{source}: weight {key!r} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(expected[key].shape)}"
-            )
-    if (
-        tied
-        and head_key in given
-        and embed_key in given
-        and not torch.equal(given[head_key], given[embed_key])
-    ):
-        raise ValueError(
-            f"{source}: {head_key!r} differs from {embed_key!r} but config.tie_word_embeddings is "
-            "true; set it to false to load them untied"
-        )
-    if tied:
-        given.pop(head_key, None)
-
-    def target_dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
-        if not tensor.is_floating_point():
-            return tensor.dtype
-        return torch.float32 if key.startswith("transformer.prefix_encoder.") else dtype
-
-    converted = {k: v.to(device=device, dtype=target_dtype(k, v)) for k, v in given.items()}
-    model.load_state_dict(converted, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-
-    # Materialise and initialise whatever was allowed to be missing and is still on the meta device.
-    for name, module in model.named_modules():
-        if not any(p.is_meta for p in module.parameters(recurse=False)):
-            continue
-        module.to_empty(device=device, recurse=False)
-        model._init_weights(module)
-        for param_name, param in list(module.named_parameters(recurse=False)):
-            wanted = target_dtype(f"{name}.{param_name}", param)
-            if param.dtype != wanted:
-                setattr(module, param_name, nn.Parameter(param.to(wanted), requires_grad=param.requires_grad))
-
-
-def load_official_v1(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> ChatGLMv1ForCausalLM:
-    """Load an official ChatGLM-6B (v1) directory (official config.json + pytorch_model*.bin / safetensors)."""
-    path = Path(path)
-    config = ChatGLMv1Config.from_official(json.loads((path / "config.json").read_text()))
-    state_dict = read_official_state_dict(path)
-    with torch.device("meta"):
-        model = ChatGLMv1ForCausalLM(config)
-    allow = ("transformer.prefix_encoder.",) if config.pre_seq_len is not None else ()
-    state_dict_check_and_load(model, state_dict, str(path), dtype=dtype, device=device, allow_missing=allow)
-    model.config.dtype = dtype
-    return model.eval()
 
 
 def save_official_v1(model: ChatGLMv1ForCausalLM, out_dir: str | Path, safe: bool = False) -> Path:

@@ -302,8 +302,6 @@ def _check_text(value, where: str = "") -> None:
 
 
 def _messages(body: ChatCompletionRequest, template) -> list[dict]:
-    from ..templates import RoleTokenTemplate
-
     out = []
     for m in body.messages:
         msg = {
@@ -316,10 +314,9 @@ def _messages(body: ChatCompletionRequest, template) -> list[dict]:
             msg["tools"] = m.tools
         out.append(msg)
     tools_used = body.tools or any("tools" in m for m in out)
-    role_tokens = isinstance(template, RoleTokenTemplate)
-    if tools_used and not role_tokens:
+    if tools_used and not template.supports_tools:
         raise APIError(400, "tools are only supported for ChatGLM3 / GLM-4 models", param="tools")
-    if any(m["role"] == "observation" for m in out) and not role_tokens and template.name != "hf":
+    if any(m["role"] == "observation" for m in out) and not template.supports_observation:
         raise APIError(
             400,
             f"tool / observation messages are not supported by the {template.name} template",

@@ -172,14 +172,12 @@ class Row:
 def text_functions(tokenizer, template, job: Job, *, chat: bool):
     """(decode, clean) for a job: chat replies are decoded like ``Engine.decode``; raw completions are
     decoded after the last prompt tokens so a leading space is kept."""
-    from ..templates import RoleTokenTemplate
-
     if chat:
 
         def decode(ids):
             return tokenizer.decode(ids, skip_special_tokens=True)
 
-        role_tokens = isinstance(template, RoleTokenTemplate)
+        role_tokens = template.reply_has_metadata_line
 
         def clean(raw: str, final: bool) -> str:
             if not final and role_tokens and "\n" not in raw:

@@ -56,7 +56,7 @@ class VLLMBackend:
         resolved = resolve_model(model_dir, generation=generation, trust_remote_code=trust_remote_code)
         self.tokenizer = load_tokenizer(resolved)
         self.template = resolved.spec.template
-        self.stop_ids = self.template.stop_token_ids(self.tokenizer)
+        self.stop_ids = resolved.spec.stop_token_ids(self.tokenizer)
         self.context_length = _context_length(model_dir)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue

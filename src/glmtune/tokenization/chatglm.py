@@ -626,7 +626,6 @@ class ChatGLMv1Tokenizer(_GLMSentencePieceTokenizer):
 
 
 # ------------------------------------------------------------------------------------------- loading
-_VOCAB_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 _COMMON_KEYS = ("do_lower_case", "remove_space", "padding_side", "model_max_length")
 _V1_TOKEN_KEYS = (
     "bos_token",
@@ -649,26 +648,32 @@ def _token_value(value):
 def load_chatglm_tokenizer(path: str | os.PathLike, generation: str):
     """The tokenizer of an official ChatGLM folder, built from its vocabulary file and tokenizer_config.json.
 
-    ``generation`` is ``"chatglm"`` (ChatGLM-6B, ``ice_text.model``), ``"chatglm2"`` or ``"chatglm3"``
-    (``tokenizer.model``). Nothing in the folder is imported or executed.
+    ``generation`` names a registry entry with a sentencepiece tokenizer: ``"chatglm"`` (ChatGLM-6B,
+    ``ice_text.model``), ``"chatglm2"`` or ``"chatglm3"`` (``tokenizer.model``); the entry says which file
+    and class. Nothing in the folder is imported or executed.
     """
-    if generation not in _VOCAB_FILES:
-        raise ValueError(f"unknown ChatGLM generation {generation!r}: expected one of {sorted(_VOCAB_FILES)}")
+    from ..specs import REGISTRY
+
+    spec = REGISTRY.get(generation)
+    kinds = ("chatglm_v1", "chatglm_spm")
+    if spec is None or spec.tokenizer_loader not in kinds:
+        known = sorted(n for n, s in REGISTRY.items() if s.tokenizer_loader in kinds)
+        raise ValueError(f"unknown ChatGLM generation {generation!r}: expected one of {known}")
     path = Path(path)
-    vocab_file = path / _VOCAB_FILES[generation]
+    vocab_file = path / spec.vocab_file
     config_file = path / "tokenizer_config.json"
     for needed in (vocab_file, config_file):
         if not needed.is_file():
             raise ModelLoadError(
                 f"{needed}: missing; a {generation} tokenizer folder holds "
-                f"{_VOCAB_FILES[generation]} and tokenizer_config.json"
+                f"{spec.vocab_file} and tokenizer_config.json"
             )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from None
     kwargs = {k: config[k] for k in _COMMON_KEYS if k in config}
-    if generation == "chatglm":
+    if spec.tokenizer_loader == "chatglm_v1":
         # The official class defaults to 20000 image tokens when the config does not say.
         kwargs["num_image_tokens"] = int(config.get("num_image_tokens", 20000))
         for key in _V1_TOKEN_KEYS:
@@ -681,5 +686,5 @@ def load_chatglm_tokenizer(path: str | os.PathLike, generation: str):
     if "encode_special_tokens" in config:
         kwargs["encode_special_tokens"] = bool(config["encode_special_tokens"])
     return ChatGLMTokenizer(
-        str(vocab_file), chat_roles=generation == "chatglm3", name_or_path=str(path), **kwargs
+        str(vocab_file), chat_roles=spec.chat_role_tokens, name_or_path=str(path), **kwargs
     )

@@ -11,7 +11,6 @@ distribution.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json
 from ..config import RunConfig, save_config
 from ..errors import ConfigError
 from ..resolve import ResolvedModel, resolve_model
@@ -171,8 +171,10 @@ def train(cfg: RunConfig, printer=print) -> dict:
             f"method.name=ptuning_v2: P-Tuning v2 is not supported for {spec.name} models "
             f"({model_path}); use lora or full"
         )
-    if cfg.data.packing and spec.name == "chatglm":
-        raise ConfigError("data.packing: ChatGLM-6B's 2D positions and prefix-LM attention cannot be packed")
+    if cfg.data.packing:
+        from ..data.collate import check_packing
+
+        check_packing(resolved)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_NAME)
@@ -292,9 +294,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
         "output": str(final),
     }
     if trainer.args.should_save:
-        tmp = out / ".train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        os.replace(tmp, out / "train_summary.json")
+        write_json(out / "train_summary.json", summary, indent=2)
     printer(f"done: {summary['steps']} steps in {seconds:.0f} s, final weights in {final}")
     return summary
 
