@@ -405,12 +405,14 @@ def no_weights(monkeypatch):
     import transformers
 
     import glmtune.loading
+    import glmtune.weights
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the configuration was refused")
 
     monkeypatch.setattr(glmtune.loading, "load_model", refuse)
     monkeypatch.setattr(glmtune.loading, "iter_tensors", refuse)
+    monkeypatch.setattr(glmtune.weights, "iter_tensors", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .specs import ModelSpec, read_json
+from .weights import iter_tensors, quantized_modules
 
 _OFFICIAL_LAYER = re.compile(
     r"^(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(.+?)\.(lora_[AB])\.weight$"
@@ -27,8 +28,6 @@ _OFFICIAL_MODULE = {
 
 
 def read_adapter_state(adapter: Path) -> dict[str, torch.Tensor]:
-    from .loading import iter_tensors
-
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (adapter / name).exists():
             return dict(iter_tensors(adapter / name))
@@ -104,3 +103,21 @@ def apply_lora(model, adapter: Path, spec: ModelSpec, is_trainable: bool = False
     if unexpected:
         raise ModelLoadError(f"{adapter}: adapter weights that match no module: {', '.join(unexpected[:5])}")
     return peft_model
+
+
+def merge_lora(model):
+    """``merge_and_unload`` a peft LoRA model into its base weights; refuses a quantized base."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    found = quantized_modules(model)
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(
+            f"cannot merge LoRA into a quantized base model (quantized layers: {shown}). Load the base in "
+            "float (no 4bit/8bit/int8 quantization) and merge into that copy: "
+            "glmtune.load_model(BASE, adapter=ADAPTER) then glmtune.export.merge_lora(model), or "
+            "export(ADAPTER, OUT, base=FLOAT_BASE)."
+        )
+    return model.merge_and_unload(progressbar=False, safe_merge=True)

@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import merge_lora
 from .atomic import atomic_dir
 from .errors import ConfigError
 from .resolve import resolve_model, resolve_model_path
@@ -192,26 +193,6 @@ def check_float_base(folder: Path, what: str = "merge the adapter into") -> None
             "release of the same model as the base: export(adapter, out, base=FLOAT_BASE) / "
             "glmtune export ADAPTER OUT --base FLOAT_BASE."
         )
-
-
-def merge_lora(model):
-    """``merge_and_unload`` a peft LoRA model into its base weights; refuses a quantized base."""
-    from peft import PeftModel
-
-    from .quantize import quantized_modules
-
-    if not isinstance(model, PeftModel):
-        return model
-    found = quantized_modules(model)
-    if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ConfigError(
-            f"cannot merge LoRA into a quantized base model (quantized layers: {shown}). Load the base in "
-            "float (no 4bit/8bit/int8 quantization) and merge into that copy: "
-            "glmtune.load_model(BASE, adapter=ADAPTER) then glmtune.export.merge_lora(model), or "
-            "export(ADAPTER, OUT, base=FLOAT_BASE)."
-        )
-    return model.merge_and_unload(progressbar=False, safe_merge=True)
 
 
 # --------------------------------------------------------------------------------------- small helpers

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,87 +20,9 @@ from .atomic import atomic_dir
 from .errors import ModelLoadError
 from .resolve import ResolvedModel, resolve_model
 from .specs import GLMTUNE_GENERATION_KEY, find_gguf, read_json
+from .weights import WEIGHT_FILES, WEIGHT_INDEXES, check_folder, index_shards, iter_tensors, weight_files
 
 log = logging.getLogger(__name__)
-
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-# --------------------------------------------------------------------------------------------- files
-def check_folder(path: Path) -> None:
-    """Refuse symlinks that lead outside the model folder (a folder must not read files elsewhere)."""
-    root = path.resolve()
-    for entry in path.iterdir():
-        if entry.is_symlink():
-            try:
-                target = entry.resolve()
-            except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
-                raise ModelLoadError(f"{entry}: symbolic link cannot be resolved ({e}); refused") from None
-            if root not in target.parents and target != root:
-                raise ModelLoadError(
-                    f"{entry}: symbolic link points outside the model folder (to {target}); refused"
-                )
-
-
-def _index_shards(path: Path, p: Path) -> list[Path]:
-    """The shards an index file lists: plain file names inside ``path`` that exist, or an error."""
-    idx = read_json(p)
-    if "weight_map" not in idx or not isinstance(idx["weight_map"], dict):
-        raise ModelLoadError(f"{p}: no 'weight_map' object")
-    files = []
-    for n in dict.fromkeys(idx["weight_map"].values()):
-        if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
-            raise ModelLoadError(f"{p}: shard name {n!r} is not a plain file name; refused")
-        f = path / n
-        if not f.exists():
-            raise ModelLoadError(f"{p}: shard {n} is listed but missing")
-        files.append(f)
-    return files
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The weight files of a folder in load order (sharded index first, then single files)."""
-    for index in WEIGHT_INDEXES:
-        p = path / index
-        if p.exists():
-            return _index_shards(path, p)
-    for name in WEIGHT_FILES:
-        if (path / name).exists():
-            return [path / name]
-    raise ModelLoadError(f"{path}: no weights (looked for {', '.join(WEIGHT_INDEXES + WEIGHT_FILES)})")
-
-
-def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from one .safetensors or .bin file, one tensor in memory at a time."""
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except SafetensorError as e:
-            raise ModelLoadError(f"{file}: corrupt safetensors file ({e})") from None
-        return
-    try:
-        # weights_only: a pickle can run arbitrary code; only tensors and plain containers are accepted.
-        # mmap: tensors are paged in as they are used instead of all at once.
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except pickle.UnpicklingError as e:
-        raise ModelLoadError(
-            f"{file}: refused to load: the pickle holds something other than tensors ({str(e).splitlines()[0]}). "
-            "Convert the checkpoint to safetensors if you trust it."
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise ModelLoadError(f"{file}: corrupt or truncated weights file ({e})") from None
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
-    for key in list(state):
-        tensor = state.pop(key)
-        if not isinstance(tensor, torch.Tensor):
-            raise ModelLoadError(f"{file}: entry {key!r} is not a tensor")
-        yield key, tensor
 
 
 # ------------------------------------------------------------------------------------- assignment
@@ -548,10 +468,7 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         # transformers joins the index's shard names to the folder as they are: "../x.safetensors"
         # would be read from outside it. And a config far larger than the weights is refused unbuilt.
         files = [
-            f
-            for index in WEIGHT_INDEXES
-            if (path / index).exists()
-            for f in _index_shards(path, path / index)
+            f for index in WEIGHT_INDEXES if (path / index).exists() for f in index_shards(path, path / index)
         ]
         files = files or [path / n for n in WEIGHT_FILES if (path / n).exists()]
         if cfg.get("auto_map") and not trust_remote_code:

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import merge_lora
 from .errors import ConfigError
+from .weights import quantized_modules
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +55,6 @@ _ALIASES = {
     "4bit": "4bit",
     "nf4": "4bit",
 }
-# Where quantized layer classes of the usual libraries live (a loaded model with one of these is quantized).
-_QUANT_LIBS = (
-    "bitsandbytes",
-    "auto_gptq",
-    "gptqmodel",
-    "awq",
-    "optimum",
-    "torchao",
-    "hqq",
-    "quanto",
-    "optimum_quanto",
-    "aqlm",
-    "eetq",
-    "fbgemm_gpu",
-)
 
 
 def check_mode(mode: str) -> str:
@@ -181,34 +168,6 @@ class DynamicInt8Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- inspection
-def quantized_modules(model: nn.Module) -> list[str]:
-    """Names of the model's quantized layers (glmtune's, torch.ao, bitsandbytes, GPTQ, AWQ, torchao ...);
-    "" when transformers itself loaded the model quantized."""
-    found = []
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
-        found.append("")
-    layers: list[str] = []
-    for name, module in model.named_modules():  # parents come before their children
-        if any(name.startswith(f"{q}.") for q in layers):
-            continue
-        cls = type(module)
-        from_lib = cls.__module__.split(".")[0] in _QUANT_LIBS or cls.__module__.startswith(
-            "torch.ao.nn.quantized"
-        )
-        direct = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if (
-            from_lib
-            or getattr(module, "glmtune_quantized", None)
-            or any(
-                t.dtype in (torch.int8, torch.uint8, torch.qint8, torch.quint8, torch.qint32)
-                or hasattr(t, "quant_state")
-                for t in direct
-            )
-        ):
-            layers.append(name)
-    return found + layers
-
-
 def _float_layer_names(model: nn.Module) -> set[str]:
     """Module names kept in float: the output layer (``lm_head``) and P-Tuning prefix encoders."""
     keep = set()
@@ -329,8 +288,6 @@ def quantize_for_inference(
     float), so the result is a plain model. ``compute_dtype`` applies to 8bit/4bit. Raises ConfigError for an
     unknown mode, for 8bit/4bit without bitsandbytes or CUDA, and for a model that is already quantized.
     """
-    from .export import merge_lora
-
     mode = check_mode(mode)
     found = quantized_modules(model)
     if found:
