@@ -260,7 +260,7 @@ def test_chatglm_v1_exports_official_layout(tmp_path, caplog):
 
 
 def test_ptuning_official_export_and_hf_refusal(glm, tmp_path):
-    from glmtune.loading import prefix_encoder_of
+    from glmtune.adapters import prefix_encoder_of
     from glmtune.train.methods import PTuningV2
 
     case = glm["chatglm3"]

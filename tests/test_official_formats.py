@@ -76,6 +76,38 @@ def test_round_trip_same_logits(tiny, tmp_path, generation, safe):
     assert _ids(tok2, generation) == ids[0].tolist()
 
 
+@pytest.mark.parametrize(("generation", "prefix"), [("chatglm3", (4, False)), ("glm4", (3, True))])
+def test_full_folder_with_a_prefix_loads_its_own_prefix(tmp_path, generation, prefix):
+    """save_official of a prefixed model writes pre_seq_len and transformer.prefix_encoder.*; loading that
+    folder without an adapter must use those weights (kept float32), not drop or re-initialise them."""
+    from glmtune.adapters import prefix_encoder_of
+
+    base = make_tiny_model(tmp_path / "base", generation)
+    model = glmtune.load_model(base, prefix=prefix)
+    with torch.no_grad():
+        for p in prefix_encoder_of(model).parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    saved = save_official(model, tmp_path / "saved", generation)
+    assert json.loads((saved / "config.json").read_text())["pre_seq_len"] == prefix[0]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    again = glmtune.load_model(saved)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+        # Without its prefix the model answers differently: the comparison above is not trivially true.
+        assert not torch.equal(glmtune.load_model(base)(ids).logits, model(ids).logits)
+    half = glmtune.load_model(saved, dtype=torch.bfloat16)
+    for loaded in (again, half):
+        assert {p.dtype for p in prefix_encoder_of(loaded).parameters()} == {torch.float32}
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+
+    # A config.json with pre_seq_len whose weights lack the prefix is refused, naming the weight.
+    for shard in saved.glob("*.safetensors"):
+        state = load_file(shard)
+        save_file({k: v for k, v in state.items() if "prefix_encoder" not in k}, str(shard))
+    with pytest.raises(ModelLoadError, match=r"missing.*prefix_encoder\.embedding\.weight"):
+        glmtune.load_model(saved)
+
+
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_kv_cache_generation_equals_full_recompute_and_padded_batch(tiny, generation):
     path = tiny(generation)

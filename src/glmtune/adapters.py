@@ -1,6 +1,10 @@
-"""LoRA adapters through peft, including adapters trained on the official remote-code ChatGLM2/3.
+"""Adapters: LoRA through peft, and official P-Tuning v2 prefix checkpoints.
 
-Those adapters wrap the fused ``query_key_value`` projection. On glmtune's native model q, k and v are
+Every adapter question goes through here: which kind a folder holds (:func:`adapter_kind`), applying a
+LoRA (:func:`apply_lora`), merging it (:func:`merge_lora`), converting the official fused LoRA, and
+creating or loading a P-Tuning v2 prefix encoder (:func:`init_prefix`, :func:`load_prefix`).
+
+LoRA adapters trained on the official remote-code ChatGLM2/3 wrap the fused ``query_key_value`` projection. On glmtune's native model q, k and v are
 separate; a fused LoRA ``ΔW = B·A`` (B: [(H+2G)·d, r]) splits exactly into three LoRAs sharing A, with
 B cut by rows into the q, k and v parts. Same rank, same alpha, identical outputs.
 """
@@ -11,10 +15,11 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import ConfigError, ModelLoadError
 from .specs import ModelSpec, read_json
-from .weights import iter_tensors, quantized_modules
+from .weights import iter_tensors, quantized_modules, weight_files
 
 _OFFICIAL_LAYER = re.compile(
     r"^(?:base_model\.model\.)?transformer\.encoder\.layers\.(\d+)\.(.+?)\.(lora_[AB])\.weight$"
@@ -27,6 +32,76 @@ _OFFICIAL_MODULE = {
 }
 
 
+def adapter_kind(adapter: Path) -> str:
+    """ "lora" for a peft folder, "ptuning" for an official P-Tuning v2 checkpoint folder."""
+    if (adapter / "adapter_config.json").exists():
+        return "lora"
+    if (adapter / "config.json").exists() and read_json(adapter / "config.json").get("pre_seq_len"):
+        return "ptuning"
+    raise ModelLoadError(
+        f"{adapter}: not an adapter folder (expected adapter_config.json for LoRA, or config.json with "
+        "pre_seq_len for an official P-Tuning v2 checkpoint)"
+    )
+
+
+# ------------------------------------------------------------------------------------ P-Tuning v2
+PREFIX_KEY = "transformer.prefix_encoder."  # the official checkpoints' names of the prefix weights
+
+
+def ptuning_settings(adapter: Path) -> tuple[int, bool]:
+    """(pre_seq_len, prefix_projection) of an official P-Tuning v2 checkpoint folder."""
+    cfg = read_json(adapter / "config.json")
+    return int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False))
+
+
+def prefix_encoder_of(model: nn.Module) -> nn.Module:
+    """The P-Tuning v2 prefix encoder of a glmtune model (ChatGLM-6B keeps it under ``transformer``)."""
+    inner = getattr(model, "transformer", model)
+    encoder = getattr(inner, "prefix_encoder", None)
+    if encoder is None:
+        raise ModelLoadError("this model has no P-Tuning v2 prefix encoder")
+    return encoder
+
+
+def init_prefix(model: nn.Module) -> None:
+    """A fresh prefix encoder: float32, embedding N(0, 1) and default Linear init, as the original."""
+    target = prefix_encoder_of(model)
+    target.to_empty(device="cpu")
+    for module in target.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    target.float()
+
+
+def load_prefix(model: nn.Module, adapter: Path) -> None:
+    """Load ``transformer.prefix_encoder.*`` from an official P-Tuning v2 folder into the model."""
+    target = prefix_encoder_of(model)
+    state = {}
+    for file in weight_files(adapter):
+        for key, tensor in iter_tensors(file):
+            if not key.startswith(PREFIX_KEY):
+                raise ModelLoadError(f"{file}: {key!r} is not a prefix-encoder weight ({PREFIX_KEY}*)")
+            state[key[len(PREFIX_KEY) :]] = tensor.float()
+    expected = dict(target.named_parameters())
+    for k, v in state.items():
+        if k not in expected:
+            raise ModelLoadError(f"{adapter}: unexpected prefix weight {PREFIX_KEY}{k}")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(
+                f"{adapter}: {PREFIX_KEY}{k} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(expected[k].shape)} (trained for another base model?)"
+            )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelLoadError(f"{adapter}: missing prefix weights: {', '.join(missing)}")
+    # The prefix encoder stays float32 whatever the base dtype (as the official training does).
+    if any(p.is_meta for p in target.parameters()):
+        target.to_empty(device="cpu")
+    target.load_state_dict(state, strict=True)
+    target.float()
+
+
+# ------------------------------------------------------------------------------------------- LoRA
 def read_adapter_state(adapter: Path) -> dict[str, torch.Tensor]:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (adapter / name).exists():

@@ -18,7 +18,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=model_path, help="model folder or .gguf file ('default' = embedded SmolLM2)")
+    p.add_argument(
+        "model",
+        type=model_path,
+        help="model folder, .gguf file, or training run folder (its final/ adapter or model, with the run's "
+        "generation) ('default' = embedded SmolLM2)",
+    )
     p.add_argument(
         "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
     )
@@ -34,15 +39,19 @@ def _engine(args):
     import torch
 
     from .inference import Engine
+    from .runs import resolve_model_or_run
 
-    return Engine.from_path(
-        args.model,
-        adapter=args.adapter,
-        dtype=getattr(torch, args.dtype),
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        quantize=getattr(args, "quantize", None),
-        generation=args.generation,
+    # A run folder (or run config) is what the run produced: its base + final/ adapter, or final/.
+    return Engine.load(
+        resolve_model_or_run(
+            args.model,
+            adapter=args.adapter,
+            dtype=getattr(torch, args.dtype),
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+            quantization=getattr(args, "quantize", None),
+            generation=args.generation,
+        )
     )
 
 
@@ -101,7 +110,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import _flatten, run_eval
+    from .evaluate import flatten_metrics, run_eval
 
     report = run_eval(
         args.target,
@@ -116,8 +125,8 @@ def cmd_eval(args) -> int:
         fmt=args.format,
         generation=args.generation,
     )
-    tuned = _flatten(report["tuned"])
-    base = _flatten(report["base"]) if "base" in report else None
+    tuned = flatten_metrics(report["tuned"])
+    base = flatten_metrics(report["base"]) if "base" in report else None
     for key, value in tuned.items():
         line = f"{key:<45}{value:>12.4f}"
         if base is not None and key in base:

@@ -38,7 +38,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from .atomic import write_text
+from .data.readers import FORMAT_ALIASES, FORMATS
 from .errors import ConfigError
+from .specs import REGISTRY
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -63,12 +65,12 @@ __all__ = [
 #: File name of the resolved config saved beside every checkpoint; ``load_config(folder)`` reads it.
 CONFIG_FILENAME = "glmtune_config.yaml"
 
-Generation = Literal["chatglm", "chatglm2", "chatglm3", "glm4", "hf"]
+# The ModelSpec registry names (glmtune.specs.REGISTRY).
+Generation = Literal[tuple(REGISTRY)]
 DType = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["none", "8bit", "4bit"]
-DataFormat = Literal[
-    "auto", "context_target", "alpaca", "prompt_response", "conversations", "sharegpt", "messages"
-]
+# The formats and their aliases are the readers' (glmtune.data.readers), listed once there.
+DataFormat = Literal[("auto", *FORMATS)]
 MethodName = Literal["lora", "ptuning_v2", "full"]
 Precision = Literal["fp32", "fp16", "bf16"]
 # transformers' SchedulerType values.
@@ -85,8 +87,8 @@ LRScheduler = Literal[
     "warmup_stable_decay",
 ]
 
-#: The data formats ``data.format`` names besides ``auto`` (the same as :data:`glmtune.data.FORMATS`).
-DATA_FORMATS: tuple[str, ...] = tuple(f for f in get_args(DataFormat) if f != "auto")
+#: The data formats ``data.format`` names besides ``auto`` (:data:`glmtune.data.readers.FORMATS`).
+DATA_FORMATS: tuple[str, ...] = FORMATS
 
 # Logical column names the data readers know (glmtune.data.readers), for data.columns.
 _DATA_COLUMNS = (
@@ -257,15 +259,7 @@ class DataConfig:
         "auto",
         help="Row format: auto (detected from the first row's keys), context_target, alpaca, prompt_response, "
         "conversations (ChatGLM3), sharegpt or messages (OpenAI).",
-        aliases={
-            "context/target": "context_target",
-            "context-target": "context_target",
-            "instruction": "alpaca",
-            "content/summary": "prompt_response",
-            "prompt-response": "prompt_response",
-            "chatglm3": "conversations",
-            "openai": "messages",
-        },
+        aliases=FORMAT_ALIASES,
     )
     columns: dict[str, str | None] = _opt(
         factory=dict,

@@ -18,7 +18,8 @@ import torch
 from .atomic import write_json, write_jsonl, write_text
 from .inference import Engine, GenerationSettings
 from .metrics import rouge_bleu_chatglm3, rouge_bleu_chatglm6b, task_metrics
-from .resolve import ResolvedModel, resolve_model
+from .resolve import ResolvedModel, resolve_model_path
+from .runs import Run, resolve_model_or_run
 
 
 @dataclass
@@ -130,11 +131,11 @@ def full_report(
     return report, Predictions(prompts, refs, outputs)
 
 
-def _flatten(report: dict, prefix: str = "") -> dict[str, float]:
+def flatten_metrics(report: dict, prefix: str = "") -> dict[str, float]:
     out = {}
     for k, v in report.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_metrics(v, f"{prefix}{k}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
@@ -142,7 +143,7 @@ def _flatten(report: dict, prefix: str = "") -> dict[str, float]:
 
 def markdown_report(title: str, tuned: dict, base: dict | None, rows: list[dict], n_rows: int = 5) -> str:
     """The Markdown report: metrics (tuned, and base + delta with --compare-base) and example rows."""
-    t, b = _flatten(tuned), _flatten(base) if base else None
+    t, b = flatten_metrics(tuned), flatten_metrics(base) if base else None
     lines = [f"# {title}", ""]
     if b is not None:
         lines += ["| metric | base | tuned | Δ |", "|---|---:|---:|---:|"]
@@ -254,29 +255,9 @@ def resolve_target(
     """What ``glmtune eval`` evaluates, resolved once: a run folder, a run config, or a model folder.
 
     A run's adapter is its ``final/`` folder (a full fine-tune's ``final/`` is the model); its
-    ``model.generation`` applies unless ``generation`` is given.
+    ``model.generation`` applies unless ``generation`` is given (:meth:`glmtune.runs.Run.model`).
     """
-    from .config import CONFIG_FILENAME, load_config
-
-    path = Path(target)
-    cfg = run_dir = None
-    if path.is_dir() and (path / CONFIG_FILENAME).exists():
-        cfg, run_dir = load_config(path / CONFIG_FILENAME), path
-    elif path.suffix in (".yaml", ".yml") and path.is_file():
-        cfg = load_config(path)
-        run_dir = Path(cfg.train.output_dir)
-    if cfg is None:
-        return resolve_model(target, generation=generation, adapter=adapter)
-    final = run_dir / "final"
-    if adapter is None and cfg.method.name != "full" and final.is_dir():
-        adapter = final
-    model = final if cfg.method.name == "full" and final.is_dir() else cfg.model.path
-    return resolve_model(
-        model,
-        generation=generation or cfg.model.generation,
-        adapter=adapter,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    return resolve_model_or_run(target, generation=generation, adapter=adapter)
 
 
 def run_eval(
@@ -317,7 +298,11 @@ def run_eval(
             with engine.model.disable_adapter():  # the same weights without the LoRA: no second copy
                 base, base_preds = full_report(engine, examples, settings, batch_size)
         else:
-            base_engine = Engine.load(what.replace(adapter=None))
+            plain = what.adapter is None and not isinstance(target, ResolvedModel)
+            run = Run.find(resolve_model_path(target)) if plain else None
+            # A full fine-tune's base is the run's model.path; otherwise the model without its adapter.
+            base_model = run.base(generation=generation) if run is not None else what.replace(adapter=None)
+            base_engine = Engine.load(base_model)
             base, base_preds = full_report(base_engine, examples, settings, batch_size)
             del base_engine
     rows = []
@@ -336,7 +321,7 @@ def run_eval(
     }
     if base is not None:
         report["base"] = base
-        t, b = _flatten(tuned), _flatten(base)
+        t, b = flatten_metrics(tuned), flatten_metrics(base)
         report["delta"] = {k: t[k] - b[k] for k in t if k in b}
     out = Path(out_dir or (what.adapter.parent / "eval" if what.adapter else Path("eval")))
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 
 - a training run folder (``glmtune_config.yaml`` + ``final/``): the base is the run's ``model.path`` and the
   weights are ``final/`` (a LoRA adapter, a P-Tuning v2 checkpoint or a fully fine-tuned model); a
-  ``checkpoint-N`` folder of a run works the same way;
+  ``checkpoint-N`` folder of a run, and the run's config YAML, work the same way (:class:`glmtune.runs.Run`);
 - an adapter folder (peft LoRA, or an official P-Tuning v2 checkpoint): the base comes from ``base=``, or
   from ``base_model_name_or_path`` in ``adapter_config.json`` when that names an existing local folder;
 - a model folder (official ChatGLM layout, transformers layout or a GGUF file): re-saved in the chosen layout.
@@ -26,8 +26,8 @@ Formats:
   ``[gMASK]``, ``<|user|>`` ... -- and ``</s>``, ``<s>``, ``<unk>``, and ``sop``/``eop`` as whole words --
   when they are written in the text, as every transformers chat tokenizer does; glmtune's class keeps
   such text literal. Plain text encodes identically.) ``tokenizer.model`` stays in the folder for glmtune's
-  class: ``glmtune.tokenization.load_chatglm_tokenizer(out, generation)`` (``glmtune.load_tokenizer`` prefers
-  a ``tokenizer.json`` when there is one, and the ChatGLM3 template needs the sentencepiece class).
+  class: ``glmtune.load_tokenizer(out)`` uses it whenever it is there (the ChatGLM3 template needs the
+  sentencepiece class); plain transformers and vLLM read the ``tokenizer.json``.
   ChatGLM-6B (v1) has no transformers class: it is always written in the official layout (a warning says so).
 - ``"official"``: the original ChatGLM layout of the generation (``save_official``): official weight names
   and ``config.json``, the official tokenizer files, for the ChatGLM family only. ``glmtune_generation`` is
@@ -65,16 +65,16 @@ from pathlib import Path
 
 import torch
 
-from .adapters import merge_lora
+from .adapters import adapter_kind, merge_lora
 from .atomic import atomic_dir
 from .errors import ConfigError
 from .resolve import resolve_model, resolve_model_path
+from .runs import Run
 from .specs import GLMTUNE_GENERATION_KEY, ModelSpec, find_gguf, read_json
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "official")
-RUN_CONFIG = "glmtune_config.yaml"
 PTUNING_DIR = "ptuning"
 
 _DTYPES = {
@@ -103,28 +103,18 @@ class ExportSource:
     run_config: Path | None = None
 
 
-def _run_config(folder: Path):
-    from .config import load_config
-
-    cfg_path = folder / RUN_CONFIG
-    if not cfg_path.is_file():
-        return None, None
-    return load_config(cfg_path), cfg_path
-
-
 def resolve_source(
     source: str | os.PathLike, base: str | os.PathLike | None = None, generation: str | None = None
 ) -> ExportSource:
     """Classify ``source`` (run, adapter or model folder) and find the base model of an adapter.
 
     ``generation`` overrides the run's ``model.generation`` and detection."""
-    from .loading import adapter_kind
-
     src = resolve_model_path(source)  # "default" = the embedded model
     if not src.exists():
         raise ConfigError(f"{src}: no such run, adapter or model folder")
-    cfg, cfg_path = _run_config(src) if src.is_dir() else (None, None)
-    weights = src / "final" if cfg is not None and (src / "final").is_dir() else src
+    run = Run.find(src)  # a run folder, a checkpoint-<step> folder of one, or a run config YAML
+    cfg = run.config if run is not None else None
+    weights = (run.weights if run is not None else None) or src
     if weights.is_dir() and (weights / "adapter_config.json").exists():
         kind = "lora"
     elif (
@@ -170,7 +160,7 @@ def resolve_source(
         generation=generation or (cfg.model.generation if cfg is not None else None),
         quantization=cfg.model.quantization if cfg is not None else "none",
         trust_remote_code=bool(cfg.model.trust_remote_code) if cfg is not None else False,
-        run_config=cfg_path,
+        run_config=run.config_file if run is not None else None,
     )
 
 
@@ -555,33 +545,18 @@ def _write_official(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size
     )
 
 
-def _tokenizer_source(src: ExportSource) -> Path:
+def _tokenizer_source(src: ExportSource, spec: ModelSpec) -> Path:
     """Where the tokenizer is read: the model folder itself, or the base of an adapter / of a full run."""
     if src.kind == "model":
         w = src.weights
-        has_tok = w.is_dir() and any(
-            (w / n).exists()
-            for n in ("tokenizer.json", "tokenizer.model", "ice_text.model", "tokenizer_config.json")
-        )
+        names = ("tokenizer.json", "tokenizer_config.json", spec.vocab_file)
+        has_tok = w.is_dir() and any(n and (w / n).exists() for n in names)
         if has_tok or src.run_config is None:
             return w
         from .config import load_config
 
         return resolve_model_path(load_config(src.run_config).model.path)
     return src.base
-
-
-def _load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool):
-    """glmtune's tokenizer for the folder; for the ChatGLM family always the sentencepiece class when its
-    vocabulary file is there (an earlier export also holds a tokenizer.json), which the templates and the
-    official layout need."""
-    from .loading import load_tokenizer
-    from .tokenization import load_chatglm_tokenizer
-
-    vocab = spec.vocab_file if spec.tokenizer_loader in ("chatglm_v1", "chatglm_spm") else None
-    if vocab and path.is_dir() and (path / vocab).exists() and (path / "tokenizer_config.json").exists():
-        return load_chatglm_tokenizer(path, spec.name)
-    return load_tokenizer(path, generation=spec.name, trust_remote_code=trust_remote_code)
 
 
 def export(
@@ -604,7 +579,7 @@ def export(
     ``overwrite``: replace an existing non-empty ``out_dir``. ``generation``: the model generation
     (default: the run's ``model.generation``, else detected). See the module docstring for details.
     """
-    from .loading import load_model
+    from .loading import load_model, load_tokenizer
 
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
@@ -674,7 +649,11 @@ def export(
     )
     model = load_model(resolved.replace(adapter=adapter, dtype=target))
     model = merge_lora(model)
-    tokenizer = _load_tokenizer(_tokenizer_source(src), spec, src.trust_remote_code)
+    # glmtune's class for the folder (for the ChatGLM family the sentencepiece one, which the templates
+    # and the official layout need, even beside an earlier export's tokenizer.json).
+    tokenizer = load_tokenizer(
+        _tokenizer_source(src, spec), generation=spec.name, trust_remote_code=src.trust_remote_code
+    )
 
     # _check_out_dir has refused a non-empty out_dir without overwrite, with the message users see.
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

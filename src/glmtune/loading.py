@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import PREFIX_KEY, adapter_kind, apply_lora, init_prefix, load_prefix, ptuning_settings
 from .atomic import atomic_dir
 from .errors import ModelLoadError
 from .resolve import ResolvedModel, resolve_model
@@ -231,73 +232,6 @@ def _tie_if_needed(model: nn.Module) -> None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
-# --------------------------------------------------------------------------------------- adapters
-def adapter_kind(adapter: Path) -> str:
-    """ "lora" for a peft folder, "ptuning" for an official P-Tuning v2 checkpoint folder."""
-    if (adapter / "adapter_config.json").exists():
-        return "lora"
-    if (adapter / "config.json").exists() and read_json(adapter / "config.json").get("pre_seq_len"):
-        return "ptuning"
-    raise ModelLoadError(
-        f"{adapter}: not an adapter folder (expected adapter_config.json for LoRA, or config.json with "
-        "pre_seq_len for an official P-Tuning v2 checkpoint)"
-    )
-
-
-def _ptuning_settings(adapter: Path) -> tuple[int, bool]:
-    cfg = read_json(adapter / "config.json")
-    return int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False))
-
-
-def prefix_encoder_of(model: nn.Module) -> nn.Module:
-    """The P-Tuning v2 prefix encoder of a glmtune model (ChatGLM-6B keeps it under ``transformer``)."""
-    inner = getattr(model, "transformer", model)
-    encoder = getattr(inner, "prefix_encoder", None)
-    if encoder is None:
-        raise ModelLoadError("this model has no P-Tuning v2 prefix encoder")
-    return encoder
-
-
-def _init_prefix(model: nn.Module) -> None:
-    """A fresh prefix encoder: float32, embedding N(0, 1) and default Linear init, as the original."""
-    target = prefix_encoder_of(model)
-    target.to_empty(device="cpu")
-    for module in target.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    target.float()
-
-
-def _load_prefix(model: nn.Module, adapter: Path) -> None:
-    """Load ``transformer.prefix_encoder.*`` from an official P-Tuning v2 folder into the model."""
-    target = prefix_encoder_of(model)
-    state = {}
-    for file in weight_files(adapter):
-        for key, tensor in iter_tensors(file):
-            if not key.startswith("transformer.prefix_encoder."):
-                raise ModelLoadError(
-                    f"{file}: {key!r} is not a prefix-encoder weight (transformer.prefix_encoder.*)"
-                )
-            state[key[len("transformer.prefix_encoder.") :]] = tensor.float()
-    expected = dict(target.named_parameters())
-    for k, v in state.items():
-        if k not in expected:
-            raise ModelLoadError(f"{adapter}: unexpected prefix weight transformer.prefix_encoder.{k}")
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ModelLoadError(
-                f"{adapter}: transformer.prefix_encoder.{k} has shape {tuple(v.shape)}, the model expects "
-                f"{tuple(expected[k].shape)} (trained for another base model?)"
-            )
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelLoadError(f"{adapter}: missing prefix weights: {', '.join(missing)}")
-    # The prefix encoder stays float32 whatever the base dtype (as the official training does).
-    if any(p.is_meta for p in target.parameters()):
-        target.to_empty(device="cpu")
-    target.load_state_dict(state, strict=True)
-    target.float()
-
-
 # ----------------------------------------------------------------------------------------- models
 def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
     from transformers import GlmForCausalLM
@@ -313,6 +247,15 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
     files = weight_files(path)
     _check_size(config_file, lambda: _glm_params(config), files)
     _check_layers(config_file, config.num_hidden_layers, files)
+    # As for ChatGLM-6B: a prefix comes from the adapter (or starts fresh) when one is given; otherwise a
+    # folder whose own config.json has pre_seq_len (save_official of a prefixed model) holds its prefix
+    # encoder (float32) among its weights.
+    own_prefix = not ptuning and bool(cfg.get("pre_seq_len"))
+    if own_prefix:
+        try:
+            ptuning = (_dim(cfg, "pre_seq_len"), bool(cfg.get("prefix_projection", False)))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{config_file}: {e}") from None
     cls = GlmForCausalLM
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
@@ -323,9 +266,10 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
         files,
         lambda k, t: official_to_native(k, t, config),
         dtype,
-        skip=lambda k: k.startswith("transformer.prefix_encoder."),
+        skip=lambda k: k.startswith(PREFIX_KEY) and not own_prefix,
+        keep_fp32=lambda n: n.startswith("prefix_encoder."),
     )
-    _check_missing(model, path, allowed_missing=lambda n: n.startswith("prefix_encoder."))
+    _check_missing(model, path, allowed_missing=lambda n: not own_prefix and n.startswith("prefix_encoder."))
     return model
 
 
@@ -356,10 +300,10 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
         # inv_freq is recomputed (the original ignores the stored copy); a tied lm_head is the embedding.
         skip=lambda k: (
             k.endswith("rotary_emb.inv_freq")
-            or (k.startswith("transformer.prefix_encoder.") and not own_prefix)
+            or (k.startswith(PREFIX_KEY) and not own_prefix)
             or (tied and k == _V1_HEAD)
         ),
-        keep_fp32=lambda n: n.startswith("transformer.prefix_encoder."),
+        keep_fp32=lambda n: n.startswith(PREFIX_KEY),
         inspect=_TiedHeadCheck() if tied else None,
     )
     _tie_if_needed(model)
@@ -555,7 +499,7 @@ def load_model(
         kind = adapter_kind(adapter)
         if kind == "ptuning" and not spec.supports_ptuning:
             raise ModelLoadError(f"{adapter}: P-Tuning v2 is not supported for {spec.name} models")
-    ptuning = _ptuning_settings(adapter) if kind == "ptuning" else prefix
+    ptuning = ptuning_settings(adapter) if kind == "ptuning" else prefix
     if ptuning and not spec.supports_ptuning:
         raise ModelLoadError(f"P-Tuning v2 is not supported for {spec.name} models ({path})")
 
@@ -572,13 +516,11 @@ def load_model(
     else:
         loaded = _OFFICIAL_LOADERS[layout](path, cfg, ref.dtype, ptuning)
     if kind == "ptuning":
-        _load_prefix(loaded, adapter)
+        load_prefix(loaded, adapter)
     elif ptuning:
-        _init_prefix(loaded)
+        init_prefix(loaded)
     setattr(loaded.config, GLMTUNE_GENERATION_KEY, spec.name)
     if kind == "lora":
-        from .adapters import apply_lora
-
         loaded = apply_lora(loaded, adapter, spec, is_trainable=trainable_adapter)
     loaded.to(ref.device)
     loaded.eval()
@@ -601,7 +543,8 @@ def load_tokenizer(
     path, spec, trust_remote_code = ref.path, ref.spec, ref.trust_remote_code
     vocab = path / spec.vocab_file if spec.vocab_file and path.is_dir() else None
     # The sentencepiece file is authoritative for ChatGLM-6B/2/3 (an exported folder also carries a
-    # tokenizer.json for plain transformers; glmtune's own class keeps the template helpers).
+    # tokenizer.json for plain transformers; glmtune's own class keeps the template helpers, and export
+    # re-exporting such a folder needs it for the templates and the official layout).
     if spec.tokenizer_loader in ("chatglm_v1", "chatglm_spm") and vocab is not None and vocab.exists():
         from .tokenization import load_chatglm_tokenizer
 

@@ -36,10 +36,6 @@ class Encoded:
     def __iter__(self):
         return iter((self.input_ids, self.labels))
 
-    @property
-    def n_targets(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
-
 
 def _split_last_reply(messages: list[dict]) -> tuple[list[dict], dict]:
     if not messages or messages[-1].get("role") != "assistant":

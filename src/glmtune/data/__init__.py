@@ -3,7 +3,6 @@
 from glmtune.data.chat_import import import_chats
 from glmtune.data.readers import (
     FORMATS,
-    ROLES,
     DataError,
     Example,
     ReadResult,
@@ -15,7 +14,6 @@ from glmtune.data.readers import (
 
 __all__ = [
     "FORMATS",
-    "ROLES",
     "DataError",
     "Example",
     "ReadResult",

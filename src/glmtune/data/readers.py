@@ -35,7 +35,6 @@ from glmtune.errors import GlmtuneError
 
 __all__ = [
     "FORMATS",
-    "ROLES",
     "DataError",
     "Example",
     "ReadResult",
@@ -45,14 +44,15 @@ __all__ = [
     "write_jsonl_atomic",
 ]
 
-ROLES = ("system", "user", "assistant", "observation")
 FORMATS = ("context_target", "alpaca", "prompt_response", "conversations", "sharegpt", "messages")
 
-_FORMAT_ALIASES = {
+# Other spellings users write for a format (data.format, --format); the one list, also used by the config.
+FORMAT_ALIASES = {
     "context/target": "context_target",
-    "alpaca": "alpaca",
+    "context-target": "context_target",
     "instruction": "alpaca",
     "content/summary": "prompt_response",
+    "prompt-response": "prompt_response",
     "chatglm3": "conversations",
     "openai": "messages",
 }
@@ -642,7 +642,7 @@ def _resolve_format(fmt: str) -> str | None:
         return None
     if isinstance(fmt, str):
         name = fmt.strip().lower().replace("-", "_")
-        name = _FORMAT_ALIASES.get(name, name)
+        name = FORMAT_ALIASES.get(name, name)
         if name in FORMATS:
             return name
     raise DataError(f"unknown format {_show(fmt)}; expected auto or one of {', '.join(FORMATS)}")

@@ -558,9 +558,17 @@ def build_backend(
     max_queue: int = 64,
     generation: str | None = None,
 ):
+    from ..runs import Run, resolve_model_or_run
+
     if backend == "vllm":
         from .vllm_backend import VLLMBackend
 
+        # A full fine-tune's run serves final/ with the run's generation; an adapter run is refused below.
+        run = Run.find(model)
+        if run is not None:
+            what = run.model(generation=generation, adapter=adapter, trust_remote_code=trust_remote_code)
+            model, adapter, generation = what.path, what.adapter, generation or run.generation
+            trust_remote_code = what.trust_remote_code
         if adapter is not None:
             from ..errors import ConfigError
 
@@ -581,7 +589,8 @@ def build_backend(
     from ..inference import Engine
     from .native import NativeBackend
 
-    engine = Engine.from_path(
+    # A run folder (or run config) is what the run produced: its base + final/ adapter, or final/.
+    resolved = resolve_model_or_run(
         model,
         adapter=adapter,
         dtype=getattr(torch, dtype),
@@ -589,6 +598,7 @@ def build_backend(
         trust_remote_code=trust_remote_code,
         generation=generation,
     )
+    engine = Engine.load(resolved)
     return NativeBackend(engine, max_batch_size=max_batch_size, max_queue=max_queue)
 
 

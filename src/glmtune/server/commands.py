@@ -1,4 +1,4 @@
-"""``glmtune serve MODEL_DIR``: :func:`register` adds the command to the ``glmtune`` parser.
+"""``glmtune serve MODEL_DIR`` (or a training run folder): :func:`register` adds the command to the ``glmtune`` parser.
 
 Importing this module is cheap (argparse only); fastapi, uvicorn and the model load when it runs.
 """
@@ -57,7 +57,12 @@ def register(sub) -> argparse.ArgumentParser:
         "--host says otherwise; set --api-key (or GLMTUNE_API_KEY) before exposing it. For many users on a "
         "GPU: glmtune export RUN --out DIR, then vllm serve DIR or glmtune serve DIR --backend vllm.",
     )
-    p.add_argument("model", type=model_path, help="model folder or .gguf file ('default' = embedded SmolLM2)")
+    p.add_argument(
+        "model",
+        type=model_path,
+        help="model folder, .gguf file, or training run folder (its final/ adapter or model) "
+        "('default' = embedded SmolLM2)",
+    )
     p.add_argument(
         "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters import PREFIX_KEY, prefix_encoder_of
 from ..errors import ConfigError
 from ..specs import ModelSpec
 
@@ -75,8 +76,6 @@ class PTuningV2(Method):
         return {"prefix": (int(method_cfg.pre_seq_len), bool(method_cfg.prefix_projection))}
 
     def prepare(self, model, spec, method_cfg):
-        from ..loading import prefix_encoder_of
-
         if not spec.supports_ptuning:
             raise ConfigError(f"method.name=ptuning_v2 is not supported for {spec.name} models")
         encoder = prefix_encoder_of(model)
@@ -87,8 +86,6 @@ class PTuningV2(Method):
         return model
 
     def save(self, model, out_dir, base_config, state_dict=None):
-        from ..loading import prefix_encoder_of
-
         out_dir.mkdir(parents=True, exist_ok=True)
         if state_dict is not None:
             # Native Glm names the encoder "prefix_encoder.*", ChatGLM-6B "transformer.prefix_encoder.*".
@@ -97,10 +94,7 @@ class PTuningV2(Method):
             }
         else:
             source = prefix_encoder_of(model).state_dict()
-        state = {
-            f"transformer.prefix_encoder.{k}": v.detach().float().cpu().contiguous()
-            for k, v in source.items()
-        }
+        state = {f"{PREFIX_KEY}{k}": v.detach().float().cpu().contiguous() for k, v in source.items()}
         torch.save(state, out_dir / "pytorch_model.bin")
         cfg = dict(base_config or {})
         cfg.update(

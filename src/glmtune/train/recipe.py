@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_json
-from ..config import RunConfig, save_config
+from ..config import CONFIG_FILENAME, RunConfig, save_config
 from ..errors import ConfigError
 from ..resolve import ResolvedModel, resolve_model
+from ..runs import Run
 from .methods import check_quantization, get_method, quantize_linears, trainable_summary
-
-CONFIG_NAME = "glmtune_config.yaml"
 
 
 def check_device(cfg: RunConfig) -> None:
@@ -43,24 +42,9 @@ def check_device(cfg: RunConfig) -> None:
 
 
 def _resume_path(cfg: RunConfig) -> str | None:
-    resume = cfg.train.resume
-    if resume in (None, "", False):
-        return None
-    out = Path(cfg.train.output_dir)
-    if resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise ConfigError(f"train.resume=latest: no checkpoint-<step> folder in {out}")
-        return last
-    if isinstance(resume, int) or str(resume).isdigit():
-        path = out / f"checkpoint-{int(resume)}"
-    else:
-        path = Path(str(resume))
-    if not path.is_dir():
-        raise ConfigError(f"train.resume={resume}: {path} does not exist")
-    return str(path)
+    """The checkpoint ``train.resume`` names in the run folder (``Run.resume_path``), as the Trainer takes it."""
+    path = Run.of(cfg).resume_path(cfg.train.resume)
+    return str(path) if path is not None else None
 
 
 def _datasets(cfg: RunConfig, model: ResolvedModel):
@@ -177,7 +161,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
         check_packing(resolved)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / CONFIG_NAME)
+    save_config(cfg, out / CONFIG_FILENAME)
 
     # 2. Tokenizer and data (tokenized once, cached on disk).
     tokenizer = load_tokenizer(resolved)
@@ -237,7 +221,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
     best = BestAndPlotCallback()
 
     def save_extras(folder: Path) -> None:
-        save_config(cfg, folder / CONFIG_NAME)
+        save_config(cfg, folder / CONFIG_FILENAME)
         if method.name == "full":
             tokenizer.save_pretrained(str(folder))
 

@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..adapters import load_prefix
 from ..atomic import atomic_dir, replace_dir, write_bytes
 from ..errors import GlmtuneError
 
@@ -207,9 +208,7 @@ class GlmtuneTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.method.name == "ptuning_v2":
-            from ..loading import _load_prefix
-
-            _load_prefix(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+            load_prefix(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

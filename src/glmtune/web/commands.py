@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "side, label rows into a training file, and look at a training run. Binds 127.0.0.1 unless "
         "--host says otherwise.",
     )
-    p.add_argument("model", type=model_path, help="model folder ('default' = embedded SmolLM2)")
+    p.add_argument(
+        "model",
+        type=model_path,
+        help="model folder, or training run folder (its final/ adapter or model) ('default' = embedded SmolLM2)",
+    )
     p.add_argument("--adapter", type=Path, help="LoRA (peft) or P-Tuning v2 adapter folder")
     p.add_argument(
         "--base-model",

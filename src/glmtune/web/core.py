@@ -189,6 +189,7 @@ class Backend:
         import torch
 
         from glmtune.inference import Engine
+        from glmtune.runs import resolve_model_or_run
 
         kw = dict(
             dtype=dtype or torch.float32,
@@ -196,12 +197,16 @@ class Backend:
             trust_remote_code=trust_remote_code,
             generation=generation,
         )
-        engine = Engine.from_path(model, adapter=adapter, **kw)
+        # A run folder (or run config) is what the run produced: its base + final/ adapter, or final/.
+        resolved = resolve_model_or_run(model, adapter=adapter, **kw)
+        engine = Engine.load(resolved)
         base = None
         if base_model is not None:
             base = Engine.from_path(base_model, **kw)
-        elif adapter is not None and not _is_lora(engine):
-            base = Engine.from_path(model, **kw)  # P-Tuning: the prefix can't be switched off
+        elif resolved.adapter is not None and not _is_lora(engine):
+            # P-Tuning: the prefix can't be switched off
+            base = Engine.load(resolved.replace(adapter=None))
+        adapter = resolved.adapter if adapter is None else adapter
         return cls(engine, model=str(model), adapter=None if adapter is None else str(adapter), base=base)
 
     @property
