@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests never reach the network: a hub id resolves from a cache the test lays out, or fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 

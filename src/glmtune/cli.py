@@ -28,16 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--adapter", type=Path, help="LoRA (peft) folder or official P-Tuning v2 checkpoint folder"
     )
     add_loading_args(p)
-    p.add_argument(
-        "--quantize",
-        choices=["int8-cpu", "int8-dynamic", "8bit", "4bit"],
-        help="quantized inference: int8 on the CPU, or bitsandbytes 8/4-bit on a CUDA GPU",
-    )
 
 
 def _engine(args):
-    import torch
-
     from .inference import Engine
     from .runs import resolve_model_or_run
 
@@ -46,10 +39,10 @@ def _engine(args):
         resolve_model_or_run(
             args.model,
             adapter=args.adapter,
-            dtype=getattr(torch, args.dtype),
+            dtype=args.dtype,
             device=args.device,
             trust_remote_code=args.trust_remote_code,
-            quantization=getattr(args, "quantize", None),
+            quantization=args.quantize,
             generation=args.generation,
         )
     )
@@ -124,6 +117,10 @@ def cmd_eval(args) -> int:
         n_examples=args.examples,
         fmt=args.format,
         generation=args.generation,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantize,
+        trust_remote_code=args.trust_remote_code,
     )
     tuned = flatten_metrics(report["tuned"])
     base = flatten_metrics(report["base"]) if "base" in report else None
@@ -245,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-samples", type=int, help="only the first N examples")
     p.add_argument("--examples", type=int, default=5, help="example rows in the Markdown report")
-    add_generation_arg(p)
+    add_loading_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_eval)
 

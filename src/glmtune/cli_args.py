@@ -37,10 +37,13 @@ def port(value: str) -> int:
     return n
 
 
-def model_path(value: str) -> Path:
-    """A model folder, a .gguf file, or "default" (the embedded SmolLM2)."""
-    from .resolve import resolve_model_path
+def model_path(value: str) -> Path | str:
+    """A model folder, a .gguf file, "default" (the embedded SmolLM2), or a hub id kept as written: it is
+    fetched when the command resolves its model, not while the arguments are parsed."""
+    from .resolve import is_hub_id, resolve_model_path
 
+    if value != "default" and not Path(value).exists() and is_hub_id(value):
+        return value
     return resolve_model_path(value)
 
 
@@ -64,10 +67,23 @@ def add_generation_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
-    """--generation, --dtype, --device and --trust-remote-code: how a command loads its model."""
+    """--generation, --dtype, --device, --quantize and --trust-remote-code: how a command loads its model.
+
+    Unset, they follow the machine (CUDA when present; bf16/fp16 on a GPU, float32 on the CPU), or for a
+    run folder the run's own settings."""
     add_generation_arg(p)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: a run's model.dtype, else auto: bf16/fp16 on a GPU, float32 on the CPU)",
+    )
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto: CUDA when present)")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8-cpu", "int8-dynamic", "8bit", "4bit"],
+        help="quantized inference: int8 on the CPU, or bitsandbytes 8/4-bit on a CUDA GPU "
+        "(default: a run's model.quantization, else none)",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",

@@ -251,13 +251,15 @@ def resolve_target(
     target: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
     generation: str | None = None,
+    **loading,
 ) -> ResolvedModel:
     """What ``glmtune eval`` evaluates, resolved once: a run folder, a run config, or a model folder.
 
     A run's adapter is its ``final/`` folder (a full fine-tune's ``final/`` is the model); its
-    ``model.generation`` applies unless ``generation`` is given (:meth:`glmtune.runs.Run.model`).
+    ``model.generation``, ``dtype`` and ``quantization`` apply unless given (:meth:`glmtune.runs.Run.model`).
+    ``loading``: ``dtype``, ``device``, ``quantization``, ``trust_remote_code``.
     """
-    return resolve_model_or_run(target, generation=generation, adapter=adapter)
+    return resolve_model_or_run(target, generation=generation, adapter=adapter, **loading)
 
 
 def run_eval(
@@ -273,13 +275,18 @@ def run_eval(
     n_examples: int = 5,
     fmt: str = "auto",
     generation: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
     printer=print,
 ) -> dict:
     """``glmtune eval``: reports (JSON, Markdown) and predictions for a model, optionally vs its base."""
     from .data import read_examples
 
     settings = settings or GenerationSettings()
-    what = resolve_target(target, adapter, generation)
+    loading = dict(dtype=dtype, device=device, quantization=quantization, trust_remote_code=trust_remote_code)
+    what = resolve_target(target, adapter, generation, **loading)
     examples = read_examples(data, fmt=fmt).examples
     if num_samples:
         examples = examples[:num_samples]
@@ -301,7 +308,9 @@ def run_eval(
             plain = what.adapter is None and not isinstance(target, ResolvedModel)
             run = Run.find(resolve_model_path(target)) if plain else None
             # A full fine-tune's base is the run's model.path; otherwise the model without its adapter.
-            base_model = run.base(generation=generation) if run is not None else what.replace(adapter=None)
+            base_model = (
+                run.base(generation=generation, **loading) if run is not None else what.replace(adapter=None)
+            )
             base_engine = Engine.load(base_model)
             base, base_preds = full_report(base_engine, examples, settings, batch_size)
             del base_engine

@@ -69,13 +69,14 @@ class Engine:
         path: str | Path | ResolvedModel,
         *,
         adapter=None,
-        dtype=torch.float32,
-        device="cpu",
+        dtype=None,
+        device=None,
         trust_remote_code: bool = False,
         quantize: str | None = None,
         generation: str | None = None,
     ) -> Engine:
-        """Resolve ``path`` with these settings (a ``ResolvedModel`` is used as it is), then load it."""
+        """Resolve ``path`` with these settings (a ``ResolvedModel`` is used as it is), then load it.
+        ``dtype``/``device`` None follow the machine (CUDA and bf16/fp16 when present, else CPU float32)."""
         return cls.load(
             resolve_model(
                 path,

@@ -466,8 +466,8 @@ def load_model(
     model: str | os.PathLike | ResolvedModel,
     *,
     adapter: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     generation: str | None = None,
     prefix: tuple[int, bool] | None = None,
@@ -476,9 +476,10 @@ def load_model(
     """Load a causal LM, optionally with a LoRA / P-Tuning adapter.
 
     ``model`` is a :class:`ResolvedModel` (its adapter, dtype, device and generation are used and the
-    keyword arguments of the same names are ignored), or a folder / GGUF file / "default", resolved here
-    with those keyword arguments. Returns a transformers ``PreTrainedModel`` in eval mode;
-    ``model.config.glmtune_generation`` names the ModelSpec entry it was loaded with.
+    keyword arguments of the same names are ignored), or a folder / GGUF file / "default" / hub id,
+    resolved here with those keyword arguments (dtype/device None: the machine's defaults, float32 on the
+    CPU). Returns a transformers ``PreTrainedModel`` in eval mode; ``model.config.glmtune_generation``
+    names the ModelSpec entry it was loaded with.
     ``prefix=(pre_seq_len, prefix_projection)`` adds a freshly initialised P-Tuning v2 prefix encoder (to
     train one); ``trainable_adapter`` loads a LoRA adapter with its weights trainable (to continue).
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,99 @@ def embedded_model_path() -> Path:
     return path
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model path as users write it: a folder, a .gguf file, or "default" (the embedded model)."""
-    return embedded_model_path() if str(path) == "default" else Path(path)
+# org/name, optionally @revision (a branch, tag or commit): how the hub names a model.
+_HUB_ID = re.compile(
+    r"^(?:(?P<hub>modelscope):)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$"
+)
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` is shaped like a hub id (``org/name[@revision]``, ``modelscope:org/name``)."""
+    return _HUB_ID.match(value) is not None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(model_id: str, *, trust_remote_code: bool = False) -> Path:
+    """The local snapshot folder of a hub id (``org/name[@revision]``; ``modelscope:org/name`` or
+    ``USE_MODELSCOPE_HUB=1`` for ModelScope), downloaded into the hub cache when online.
+
+    With ``HF_HUB_OFFLINE=1`` only the cache is used (``HF_HUB_CACHE`` / ``HF_HOME`` say where). Python
+    files are not downloaded unless ``trust_remote_code`` (glmtune never imports them anyway).
+    """
+    m = _HUB_ID.match(model_id)
+    if m is None:
+        raise ModelLoadError(f"{model_id}: not a local path and not a hub id (org/name[@revision])")
+    repo, rev = m["repo"], m["rev"]
+    ignore = None if trust_remote_code else ["*.py"]
+    if m["hub"] == "modelscope" or _env_flag("USE_MODELSCOPE_HUB"):
+        try:
+            from modelscope import snapshot_download as ms_download
+        except ImportError:
+            raise ModelLoadError(
+                f"{model_id}: a ModelScope id needs the modelscope package (pip install modelscope)"
+            ) from None
+        try:
+            return Path(ms_download(repo, revision=rev, ignore_file_pattern=ignore))
+        except Exception as e:  # modelscope raises its own assortment; the id and reason are what matter
+            raise ModelLoadError(f"{model_id}: cannot fetch from ModelScope: {e}") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # Read at call time (huggingface_hub reads them once, at import): tests and users may set them late.
+    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+    )
+    try:
+        return Path(
+            snapshot_download(
+                repo, revision=rev, cache_dir=cache, local_files_only=offline, ignore_patterns=ignore
+            )
+        )
+    except LocalEntryNotFoundError:
+        where = cache or "the default hub cache (~/.cache/huggingface/hub)"
+        raise ModelLoadError(
+            f"{model_id}: no such local folder; as a hub id it is not in {where}"
+            + (" and HF_HUB_OFFLINE is set" if offline else " and the hub is unreachable")
+            + f"; fetch it on a machine with internet: hf download {repo}"
+            + (f" --revision {rev}" if rev else "")
+            + " (then copy the cache), or pass the model folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{model_id}: no such model on the Hugging Face hub (or it is private)"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"{model_id}: no such local folder; fetching it from the Hugging Face hub failed: {e}"
+        ) from None
+
+
+def resolve_model_path(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Path:
+    """A model path as users write it: a folder, a .gguf file, "default" (the embedded model), or a hub id
+    (``org/name[@revision]``, fetched into the hub cache; see :func:`hub_snapshot`). A local path wins."""
+    if str(path) == "default":
+        return embedded_model_path()
+    local = Path(path)
+    if local.exists() or not isinstance(path, str) or _HUB_ID.match(path) is None:
+        return local
+    return hub_snapshot(path, trust_remote_code=trust_remote_code)
+
+
+def default_device() -> str:
+    """CUDA when a GPU is present, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on the CPU (bf16 matmuls are
+    emulated and many times slower there)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def _adapter_folder(adapter: str | os.PathLike) -> Path:
@@ -93,9 +184,11 @@ def _adapter_folder(adapter: str | os.PathLike) -> Path:
     return adapter
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def _dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in (None, "auto"):
+        return default_dtype(device)
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
@@ -107,22 +200,25 @@ def resolve_model(
     *,
     generation: str | None = None,
     adapter: str | os.PathLike | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = "auto",
+    device: str | torch.device | None = "auto",
     quantization: str | None = None,
     trust_remote_code: bool = False,
 ) -> ResolvedModel:
     """Resolve a model once. ``generation`` (a registry name) overrides detection from the files.
 
-    A ``ResolvedModel`` passed in comes back unchanged: callers that already hold one never re-detect.
+    ``source``: a folder, a .gguf file, "default", or a hub id (``org/name[@revision]``). ``device="auto"``
+    picks CUDA when present; ``dtype="auto"`` bf16/fp16 on a GPU, float32 on the CPU (None means "auto" too). A ``ResolvedModel``
+    passed in comes back unchanged: callers that already hold one never re-detect.
     """
     if isinstance(source, ResolvedModel):
         return source
-    path = resolve_model_path(source)
+    path = resolve_model_path(source, trust_remote_code=trust_remote_code)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model folder or file")
     if generation is not None and generation not in REGISTRY:
         raise ModelLoadError(f"unknown model generation {generation!r} (known: {', '.join(REGISTRY)})")
+    device = default_device() if device in (None, "auto") else str(device)
     if quantization in ("none", ""):  # the config's spelling of "not quantized"
         quantization = None
     if quantization is not None and quantization not in QUANTIZATIONS:
@@ -143,7 +239,7 @@ def resolve_model(
         gguf=gguf,
         generation_forced=generation is not None,
         adapter=_adapter_folder(adapter) if adapter is not None else None,
-        dtype=_dtype(dtype),
+        dtype=_dtype(dtype, device),
         device=str(device),
         quantization=quantization,
         trust_remote_code=trust_remote_code,

@@ -32,7 +32,7 @@ import torch
 
 from .config import CONFIG_FILENAME, RunConfig, load_config
 from .errors import ConfigError
-from .resolve import ResolvedModel, resolve_model, resolve_model_path
+from .resolve import ResolvedModel, is_hub_id, resolve_model, resolve_model_path
 
 __all__ = ["CHECKPOINT_PATTERN", "CONFIG_FILENAME", "Run", "resolve_model_or_run"]
 
@@ -166,8 +166,8 @@ class Run:
         self,
         *,
         generation: str | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         quantization: str | None = None,
         trust_remote_code: bool = False,
     ) -> ResolvedModel:
@@ -175,11 +175,18 @@ class Run:
         overrides it) and ``trust_remote_code`` (or the argument's)."""
         return resolve_model(
             self.config.model.path,
+            **self._settings(generation, dtype, device, quantization, trust_remote_code),
+        )
+
+    def _settings(self, generation, dtype, device, quantization, trust_remote_code) -> dict:
+        """The run's own generation, dtype and quantization unless the caller names others."""
+        m = self.config.model
+        return dict(
             generation=generation or self.generation,
-            dtype=dtype,
+            dtype=dtype if dtype is not None else m.dtype,
             device=device,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code or self.config.model.trust_remote_code,
+            quantization=quantization if quantization is not None else m.quantization,
+            trust_remote_code=trust_remote_code or m.trust_remote_code,
         )
 
     def model(
@@ -187,23 +194,18 @@ class Run:
         *,
         generation: str | None = None,
         adapter: str | os.PathLike | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         quantization: str | None = None,
         trust_remote_code: bool = False,
     ) -> ResolvedModel:
         """What the run produced: the base with :attr:`weights` as its adapter (LoRA, P-Tuning v2), or
         :attr:`weights` as the model (full fine-tune). ``adapter`` replaces the run's adapter (for a full
         fine-tune it goes on top of the model); ``generation`` overrides the run's ``model.generation``.
-        The run's ``model.quantization`` is not applied (name one with ``quantization``)."""
+        The run's ``model.dtype`` and ``model.quantization`` apply unless ``dtype`` / ``quantization`` say
+        otherwise; ``device`` None = CUDA when present."""
         weights = self.weights
-        settings = dict(
-            generation=generation or self.generation,
-            dtype=dtype,
-            device=device,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code or self.config.model.trust_remote_code,
-        )
+        settings = self._settings(generation, dtype, device, quantization, trust_remote_code)
         if self.method == "full":
             if weights is None:
                 raise ConfigError(f"{self.dir}: {self._no_weights('the fully fine-tuned model')}")
@@ -225,8 +227,8 @@ def resolve_model_or_run(
     *,
     generation: str | None = None,
     adapter: str | os.PathLike | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
     quantization: str | None = None,
     trust_remote_code: bool = False,
 ) -> ResolvedModel:
@@ -243,6 +245,8 @@ def resolve_model_or_run(
     )
     if isinstance(source, ResolvedModel):
         return source
+    if isinstance(source, str) and is_hub_id(source) and not Path(source).exists():
+        return resolve_model(source, **settings)  # a hub id names a model, never a run
     run = Run.find(resolve_model_path(source))
     if run is None:
         return resolve_model(source, **settings)

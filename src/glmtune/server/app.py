@@ -551,13 +551,16 @@ def build_backend(
     *,
     backend: str = "native",
     adapter=None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str | None = None,
+    device: str | None = None,
     trust_remote_code: bool = False,
     max_batch_size: int = 8,
     max_queue: int = 64,
     generation: str | None = None,
+    quantization: str | None = None,
 ):
+    """The serving backend. ``dtype``/``device``/``quantization`` None: a run's own settings, else the
+    machine's (CUDA when present, bf16/fp16 there, float32 on the CPU)."""
     from ..runs import Run, resolve_model_or_run
 
     if backend == "vllm":
@@ -578,14 +581,12 @@ def build_backend(
             )
         return VLLMBackend(
             model,
-            dtype=dtype,
+            dtype=dtype or "auto",
             trust_remote_code=trust_remote_code,
             generation=generation,
             max_batch_size=max_batch_size,
             max_queue=max_queue,
         )
-    import torch
-
     from ..inference import Engine
     from .native import NativeBackend
 
@@ -593,8 +594,9 @@ def build_backend(
     resolved = resolve_model_or_run(
         model,
         adapter=adapter,
-        dtype=getattr(torch, dtype),
+        dtype=dtype,
         device=device,
+        quantization=quantization,
         trust_remote_code=trust_remote_code,
         generation=generation,
     )
@@ -645,8 +647,9 @@ def serve(
     timeout: float = 120.0,
     model_name: str | None = None,
     backend: str = "native",
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str | None = None,
+    device: str | None = None,
+    quantization: str | None = None,
     trust_remote_code: bool = False,
     generation: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -670,6 +673,7 @@ def serve(
         device=device,
         trust_remote_code=trust_remote_code,
         generation=generation,
+        quantization=quantization,
         max_batch_size=max_batch_size,
         max_queue=max_queue,
     )

@@ -40,6 +40,7 @@ def cmd_serve(args) -> int:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         generation=args.generation,
+        quantization=args.quantize,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )

@@ -70,7 +70,6 @@ def cmd_web(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise GlmtuneError("glmtune web needs Gradio: pip install 'glmtune[web]'") from None
-    import torch
 
     from .app import build_app, launch
     from .core import Backend
@@ -84,8 +83,9 @@ def cmd_web(args) -> int:
         args.model,
         args.adapter,
         base_model=args.base_model,
-        dtype=getattr(torch, args.dtype),
+        dtype=args.dtype,
         device=args.device,
+        quantization=args.quantize,
         trust_remote_code=args.trust_remote_code,
         generation=args.generation,
     )

@@ -182,18 +182,19 @@ class Backend:
         *,
         base_model: str | os.PathLike | None = None,
         dtype=None,
-        device: str = "cpu",
+        device: str | None = None,
         trust_remote_code: bool = False,
         generation: str | None = None,
+        quantization: str | None = None,
     ) -> Backend:
-        import torch
-
         from glmtune.inference import Engine
         from glmtune.runs import resolve_model_or_run
 
+        # None: a run's own settings, else the machine's (see glmtune.resolve.resolve_model).
         kw = dict(
-            dtype=dtype or torch.float32,
+            dtype=dtype,
             device=device,
+            quantization=quantization,
             trust_remote_code=trust_remote_code,
             generation=generation,
         )
@@ -202,7 +203,7 @@ class Backend:
         engine = Engine.load(resolved)
         base = None
         if base_model is not None:
-            base = Engine.from_path(base_model, **kw)
+            base = Engine.load(resolve_model_or_run(base_model, **kw))
         elif resolved.adapter is not None and not _is_lora(engine):
             # P-Tuning: the prefix can't be switched off
             base = Engine.load(resolved.replace(adapter=None))
