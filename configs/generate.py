@@ -98,7 +98,7 @@ GENERATIONS: dict[str, dict] = {
             "grad_accum": 16,
             "save_steps": 100,
         },
-        "eval": {"max_new_tokens": 128, "predict_with_generate": True},
+        "eval": {"max_new_tokens": 128, "predict_with_generate": True, "num_samples": 50},
     },
     # ChatGLM3-6B: the official fine-tuning demo's lora / ptuning_v2 / sft settings.
     "chatglm3": {

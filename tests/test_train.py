@@ -520,7 +520,11 @@ def test_best_plot_and_summary(models, data_cache, tmp_path):
     best_step = min(eval_losses, key=eval_losses.get)
 
     best = json.loads((out / "best" / "best.json").read_text())
-    assert best == {"step": best_step, "eval_loss": pytest.approx(eval_losses[best_step])}
+    assert best == {
+        "step": best_step,
+        "metric": "eval_loss",
+        "eval_loss": pytest.approx(eval_losses[best_step]),
+    }
     assert (out / "best" / "adapter_config.json").exists()
     # best/ holds the weights of that step: the same as the checkpoint saved at it.
     assert max_diff(adapter_weights(out / "best"), adapter_weights(out / f"checkpoint-{best_step}")) == 0

@@ -40,6 +40,7 @@ import yaml
 from .atomic import write_text
 from .data.readers import FORMAT_ALIASES, FORMATS
 from .errors import ConfigError
+from .metrics import ROUGE_BLEU_KEYS, TASK_METRIC_NAMES
 from .specs import REGISTRY
 
 __all__ = [
@@ -163,6 +164,27 @@ def _columns(v: dict[str, str | None]) -> str | None:
 def _norm_columns(v: dict[str, str | None]) -> dict[str, str | None]:
     # ChatGLM2's P-Tuning scripts spell them prompt_column / response_column / history_column.
     return {(k[: -len("_column")] if k.endswith("_column") else k): x for k, x in v.items()}
+
+
+#: What eval.best_metric can name before the data is known: the eval loss, ROUGE/BLEU and every task
+#: metric (the recipe narrows the task metrics to those of the eval data).
+BEST_METRICS = ("eval_loss", *ROUGE_BLEU_KEYS, *TASK_METRIC_NAMES)
+
+
+def _norm_best_metric(v: str) -> str:
+    # As logged ("eval_rouge-l") or as named in reports ("rouge-l"); "loss" is the eval loss.
+    v = v.strip().lower()
+    if v in ("loss", "eval_loss"):
+        return "eval_loss"
+    return v.removeprefix("eval_")
+
+
+def _best_metric(v: str) -> str | None:
+    if v in BEST_METRICS:
+        return None
+    close = difflib.get_close_matches(v, BEST_METRICS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"not a metric glmtune logs; choices: {', '.join(BEST_METRICS)}{hint}"
 
 
 def _opt(
@@ -470,7 +492,8 @@ class EvalConfig:
     max_new_tokens: int = _opt(256, help="Most tokens generated per evaluation example.", check=_at_least(1))
     predict_with_generate: bool = _opt(
         False,
-        help="Generate replies for the eval data and score them (ROUGE/BLEU, ...), not only the eval loss.",
+        help="At every evaluation during training, also generate replies for the eval data (num_samples "
+        "of it) and log ROUGE-1/2/L, BLEU-4 and the task metrics beside the eval loss.",
     )
     metrics: Literal["auto"] | list[str] = _opt(
         "auto", help="Generation metrics: auto (chosen from the data) or a list such as [rouge, bleu]."
@@ -480,6 +503,14 @@ class EvalConfig:
     )
     temperature: float = _opt(0.0, help="Sampling temperature of generation; 0 = greedy.", check=_at_least(0))
     top_p: float = _opt(1.0, help="Nucleus sampling mass when temperature > 0.", check=_above(0))
+    best_metric: str = _opt(
+        "eval_loss",
+        help="The eval metric best/ follows: eval_loss (lower is better) or, with predict_with_generate, "
+        "a generation metric (higher is better): rouge-1, rouge-2, rouge-l, bleu-4 or a task metric of "
+        "the eval data (exact_match, json_exact_match, f1, ...).",
+        normalize=_norm_best_metric,
+        check=_best_metric,
+    )
 
 
 @dataclass(kw_only=True)
@@ -924,6 +955,14 @@ def _validate(cfg: RunConfig) -> list[_Problem]:
     if t.warmup_steps > 0 and t.warmup_ratio > 0:
         problems.append(
             _Problem("train.warmup_steps", "train.warmup_steps and train.warmup_ratio are both set: use one")
+        )
+    if cfg.eval.best_metric != "eval_loss" and not cfg.eval.predict_with_generate:
+        problems.append(
+            _Problem(
+                "eval.best_metric",
+                f"eval.best_metric {cfg.eval.best_metric} is a generation metric, logged only with "
+                "eval.predict_with_generate true: set it, or use eval_loss (the only choice without it)",
+            )
         )
     # method.name ptuning_v2 with model.quantization 8bit/4bit is allowed (the official 8-bit P-Tuning).
     return problems

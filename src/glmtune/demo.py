@@ -11,6 +11,7 @@ working directory) with the predictions beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -64,6 +65,10 @@ def run_demo(
     printer("      " + _fmt(before))
 
     printer(f"[2/3] LoRA fine-tuning ({cfg.train.max_steps} steps, batch {cfg.train.batch_size})")
+    if cfg.eval.best_metric == "eval_loss":
+        # Step [3/3] scores the final weights on the same examples: generating at the evaluations during
+        # training too (eval.predict_with_generate) would only repeat that work.
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, predict_with_generate=False))
     summary = train(cfg, printer=printer)
 
     printer("[3/3] scoring the fine-tuned model on the same examples")

@@ -36,6 +36,7 @@ __all__ = [
     "PredictionsFileError",
     "detect_task",
     "extract_json",
+    "flat_task_metrics",
     "json_exact_match",
     "json_field_accuracy",
     "label_prf",
@@ -45,6 +46,7 @@ __all__ = [
     "rouge_bleu_chatglm6b",
     "score_predictions_file",
     "spo_prf",
+    "task_metric_names",
     "task_metrics",
     "valid_json_rate",
 ]
@@ -447,6 +449,43 @@ def task_metrics(preds: Sequence[str], refs: Sequence[str], task: str = "auto") 
                 sub = fn([preds[i] for i in rows], [refs[i] for i in rows])
                 out[kind] = {"n": len(rows), **sub}
     return out
+
+
+#: The ROUGE/BLEU values of one official definition as ``glmtune train`` logs them (``eval_rouge-l``, ...).
+ROUGE_BLEU_KEYS = (*ROUGE_KEYS, "bleu-4")
+#: Counts in the :func:`task_metrics` reports: not scores, so :func:`flat_task_metrics` leaves them out.
+_COUNT_KEYS = frozenset({"n", "tp", "n_pred", "n_ref"})
+#: Every name :func:`flat_task_metrics` can give, over all tasks (which of them a data set gets depends
+#: on its references: :func:`task_metric_names`).
+TASK_METRIC_NAMES = (
+    "exact_match",
+    "valid_json_rate",
+    "json_exact_match",
+    "json_field_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    *(f"{kind}.{k}" for kind in ("spo", "labels") for k in ("precision", "recall", "f1")),
+    "labels.exact_match",
+)
+
+
+def flat_task_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The scores of a :func:`task_metrics` report as one flat mapping: a nested report's keys are
+    dotted (``spo.f1``); the task name and the counts (``n``, ``tp``, ``n_pred``, ``n_ref``) are left out."""
+    out: dict[str, float] = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            out.update(flat_task_metrics(v, f"{prefix}{k}."))
+        elif k not in _COUNT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def task_metric_names(refs: Sequence[str], task: str = "auto") -> list[str]:
+    """The names :func:`flat_task_metrics` gives for these references (they depend on the references
+    only, not on the predictions)."""
+    return list(flat_task_metrics(task_metrics(list(refs), list(refs), task=task)))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class ModelSpec:
     has_transformers_class: bool = True
     # Rows can be packed (restarted position ids separate the examples).
     supports_packing: bool = True
+    # The official ROUGE/BLEU definition of the generation's fine-tuning scripts (glmtune.metrics), which
+    # training logs with eval.predict_with_generate: "chatglm6b" (ChatGLM-6B / ChatGLM2-6B ptuning/main.py,
+    # BLEU-4 on characters) or "chatglm3" (ChatGLM3 finetune_demo, BLEU-4 on words).
+    rouge_bleu_definition: str = "chatglm3"
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end a reply: eos first, then ``extra_stop_tokens`` the vocabulary knows."""
@@ -94,6 +98,7 @@ REGISTRY: dict[str, ModelSpec] = {
         vocab_file="ice_text.model",
         has_transformers_class=False,
         supports_packing=False,  # 2D positions and prefix-LM attention cannot be restarted per example
+        rouge_bleu_definition="chatglm6b",
     ),
     "chatglm2": ModelSpec(
         name="chatglm2",
@@ -108,6 +113,7 @@ REGISTRY: dict[str, ModelSpec] = {
         tokenizer_loader="chatglm_spm",
         vocab_file="tokenizer.model",
         exports_fast_tokenizer=True,
+        rouge_bleu_definition="chatglm6b",
     ),
     "chatglm3": ModelSpec(
         name="chatglm3",

@@ -20,7 +20,7 @@ import torch
 
 from ..atomic import write_json
 from ..config import CONFIG_FILENAME, RunConfig, save_config
-from ..errors import ConfigError
+from ..errors import ConfigError, GlmtuneError
 from ..resolve import ResolvedModel, resolve_model
 from ..runs import Run
 from .methods import check_quantization, get_method, quantize_linears, trainable_summary
@@ -47,19 +47,35 @@ def _resume_path(cfg: RunConfig) -> str | None:
     return str(path) if path is not None else None
 
 
-def _datasets(cfg: RunConfig, model: ResolvedModel):
-    from ..data.cache import tokenize_cached
+def _encode_settings(cfg: RunConfig):
     from ..data.encode import EncodeSettings
 
     d = cfg.data
-    settings = EncodeSettings(
+    return EncodeSettings(
         max_source_length=d.max_source_length,
         max_target_length=d.max_target_length,
         max_length=d.max_length,
         train_on_prompt=d.train_on_prompt,
     )
+
+
+def _split_rows(n: int, cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """The rows of the tokenized train_file that stay for training and that data.eval_ratio splits off."""
+    from datasets import Dataset
+
+    d = cfg.data
+    rows = Dataset.from_dict({"row": list(range(n))}).train_test_split(
+        test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed
+    )
+    return rows["train"]["row"], rows["test"]["row"]
+
+
+def _datasets(cfg: RunConfig, model: ResolvedModel):
+    from ..data.cache import tokenize_cached
+
+    d = cfg.data
     common = dict(
-        settings=settings,
+        settings=_encode_settings(cfg),
         cache_dir=d.cache_dir,
         fmt=d.format,
         columns=d.columns or None,
@@ -71,11 +87,96 @@ def _datasets(cfg: RunConfig, model: ResolvedModel):
     if d.eval_file:
         evals, reports["eval"] = tokenize_cached(d.eval_file, model, **common)
     elif d.eval_ratio > 0:
-        split = train.train_test_split(
-            test_size=d.eval_ratio, seed=d.seed if d.seed is not None else cfg.train.seed
-        )
-        train, evals = split["train"], split["test"]
+        # The same split as train.train_test_split(test_size, seed), with the rows known (the generation
+        # metrics need the eval split's raw examples: _generation_examples).
+        train_rows, eval_rows = _split_rows(len(train), cfg)
+        train, evals = train.select(train_rows), train.select(eval_rows)
     return train, evals, reports
+
+
+def _generation_examples(cfg: RunConfig, model: ResolvedModel, tokenizer, reports) -> list:
+    """The eval examples generation is scored on, as read (prompt and reference reply), the first
+    ``eval.num_samples`` of them: the rows of data.eval_file, or the rows data.eval_ratio split off."""
+    from ..data import read_examples
+    from ..data.encode import encode_all
+
+    d = cfg.data
+
+    def read(path):
+        return read_examples(path, fmt=d.format, columns=d.columns or None, skip_invalid=d.skip_invalid)
+
+    if d.eval_file:
+        examples = read(d.eval_file).examples
+    else:
+        raw = read(d.train_file).examples
+        info = reports["train"]
+        if info.stats.dropped or info.stats.invalid:
+            # The tokenized rows are the examples that kept a reply token: find which those are.
+            settings = _encode_settings(cfg)
+            raw = [
+                ex
+                for ex in raw
+                if encode_all(tokenizer, model.spec.template, [ex], settings, skip_invalid=True)[0]
+            ]
+        if len(raw) != info.rows:
+            raise GlmtuneError(
+                f"{d.train_file}: {len(raw)} examples read but {info.rows} tokenized rows; the eval split's "
+                "examples for eval.predict_with_generate cannot be matched (clear data.cache_dir and retry)"
+            )
+        examples = [raw[i] for i in _split_rows(len(raw), cfg)[1]]
+    n = cfg.eval.num_samples
+    return examples[:n] if n else examples
+
+
+def _generation_eval(cfg: RunConfig, model: ResolvedModel, tokenizer, reports, has_eval: bool, printer):
+    """The :class:`~.generation_eval.GenerationEval` of ``eval.predict_with_generate`` (None without it),
+    with ``eval.best_metric`` checked against the metrics it will log, before any weight is read."""
+    from ..inference import GenerationSettings
+    from .generation_eval import EVAL_LOSS, GenerationEval
+
+    e = cfg.eval
+    generation = None
+    if e.predict_with_generate and has_eval:
+        from ..metrics import _eval_libs
+
+        try:
+            _eval_libs()  # jieba, rouge_chinese, nltk: before any weight is read, not at the first evaluation
+        except ImportError as err:
+            raise ConfigError(
+                f"eval.predict_with_generate: {err}; or set eval.predict_with_generate=false"
+            ) from err
+        settings = GenerationSettings(
+            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p
+        )
+        examples = _generation_examples(cfg, model, tokenizer, reports)
+        generation = GenerationEval(
+            examples, tokenizer, model.spec, settings, batch_size=cfg.train.batch_size, seed=cfg.train.seed
+        )
+        generation.check_best_metric(e.best_metric)
+        printer(
+            f"eval: generating for {len(generation)} examples at every evaluation (at most "
+            f"{e.max_new_tokens} new tokens); logging {', '.join(generation.names)} "
+            f"(task {generation.task}, ROUGE/BLEU as {generation.definition}); best/ follows {e.best_metric}"
+        )
+    elif e.predict_with_generate:
+        printer(
+            "eval.predict_with_generate: there is no eval data (data.eval_file or data.eval_ratio), "
+            "nothing to generate for"
+        )
+    if generation is None and e.best_metric != EVAL_LOSS:
+        raise ConfigError(
+            f"eval.best_metric: {e.best_metric} is a generation metric, but nothing is generated "
+            "(eval.predict_with_generate needs eval data: data.eval_file or data.eval_ratio); "
+            f"choices: {EVAL_LOSS}"
+        )
+    return generation
+
+
+def _sharded(trainer) -> bool:
+    """Weights sharded across processes (DeepSpeed ZeRO-3, FSDP): the Engine cannot generate there."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return bool(trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()))
 
 
 def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non_padding"):
@@ -134,6 +235,7 @@ def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non
 def train(cfg: RunConfig, printer=print) -> dict:
     """Run a fine-tuning job described by ``cfg``; returns the train summary (also written to JSON)."""
     from ..loading import load_model, load_tokenizer
+    from .generation_eval import EVAL_LOSS, metric_key
     from .trainer import BestAndPlotCallback, GlmtuneTrainer, ProgressCallback, plot_losses
 
     t0 = time.time()
@@ -173,6 +275,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
             f"{st.truncated} truncated ({st.tokens_removed} tokens removed), {st.dropped} dropped, "
             f"{len(st.invalid)} invalid rows skipped"
         )
+    # Generation metrics (eval.predict_with_generate): their eval examples, and eval.best_metric checked.
+    generation = _generation_eval(cfg, resolved, tokenizer, reports, eval_set is not None, printer)
 
     # 3. Model, then the method makes it trainable.
     # Seed before the model is built: LoRA A matrices and a fresh P-Tuning prefix come from the global
@@ -218,7 +322,9 @@ def train(cfg: RunConfig, printer=print) -> dict:
     count = "non_padding" if isinstance(collator, DataCollator) else "all"
     args = _training_arguments(cfg, eval_set is not None, count)
     base_config = dict(resolved.config) or None  # config.json as resolved (None for GGUF)
-    best = BestAndPlotCallback()
+    generated = [metric_key(name) for name in generation.names] if generation is not None else []
+    progress = ProgressCallback(printer, metrics=generated)
+    best = BestAndPlotCallback(metric_key(cfg.eval.best_metric), plot_metrics=generated)
 
     def save_extras(folder: Path) -> None:
         save_config(cfg, folder / CONFIG_FILENAME)
@@ -231,12 +337,25 @@ def train(cfg: RunConfig, printer=print) -> dict:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        callbacks=[ProgressCallback(printer), best],
+        callbacks=[progress, best],
         method=method,
         save_extras=save_extras,
         logits_at_labels_only=cfg.train.logits_at_labels_only,
         loss_chunk_size=cfg.train.loss_chunk_size,
+        generation_eval=generation,
     )
+    if generation is not None and _sharded(trainer):
+        if cfg.eval.best_metric != EVAL_LOSS:
+            raise ConfigError(
+                f"eval.best_metric: {cfg.eval.best_metric} needs eval.predict_with_generate, which does not "
+                f"run with sharded weights (DeepSpeed ZeRO-3, FSDP); choices here: {EVAL_LOSS}"
+            )
+        printer(
+            "eval.predict_with_generate: not supported with sharded weights (DeepSpeed ZeRO-3, FSDP); "
+            "evaluation logs the eval loss only (score the checkpoints with glmtune eval)"
+        )
+        trainer.generation_eval = generation = None
+        generated, progress.metrics, best.plot_metrics = [], (), ()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints the readable line instead
@@ -252,7 +371,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
     final = out / "final"
     trainer.save_model(str(final))
     if trainer.args.should_save:  # one writer: ranks share the temporary file name
-        plot_losses(trainer.state.log_history, out / "loss.png")
+        plot_losses(trainer.state.log_history, out / "loss.png", metrics=generated)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     seconds = time.time() - t0
     summary = {
@@ -264,6 +383,20 @@ def train(cfg: RunConfig, printer=print) -> dict:
         ),
         "best_eval_loss": min(evals) if evals else None,
         "last_eval_loss": evals[-1] if evals else None,
+        "best_metric": cfg.eval.best_metric,
+        "best_step": best.best_step,
+        "best_value": best.best if best.best_step is not None else None,
+        "generation_metrics": _metric_summary(trainer.state.log_history, generated)
+        if generation is not None
+        else None,
+        "generation_eval": {
+            "examples": len(generation),
+            "task": generation.task,
+            "rouge_bleu_definition": generation.definition,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+        }
+        if generation is not None
+        else None,
         "train_seconds": result.metrics.get("train_runtime"),
         "total_seconds": seconds,
         "train_examples": len(train_set),
@@ -281,6 +414,17 @@ def train(cfg: RunConfig, printer=print) -> dict:
         write_json(out / "train_summary.json", summary, indent=2)
     printer(f"done: {summary['steps']} steps in {seconds:.0f} s, final weights in {final}")
     return summary
+
+
+def _metric_summary(history: list[dict], keys: list[str]) -> dict:
+    """``name -> {"best", "best_step", "last"}`` of each generation metric logged (all higher-is-better)."""
+    out = {}
+    for key in keys:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            step, value = max(points, key=lambda p: p[1])  # the first step of the highest value
+            out[key.removeprefix("eval_")] = {"best": value, "best_step": step, "last": points[-1][1]}
+    return out
 
 
 def _can_flatten(model) -> bool:

@@ -8,7 +8,10 @@
 - resuming a P-Tuning run reads the prefix back from the official layout;
 - the loss is computed at the labelled positions only (``train.logits_at_labels_only``, see
   :mod:`glmtune.train.fast_loss`): the output layer never maps prompt or padding positions to the
-  vocabulary.
+  vocabulary;
+- with ``eval.predict_with_generate`` every evaluation also generates and logs ROUGE/BLEU and task
+  metrics beside the eval loss (:mod:`glmtune.train.generation_eval`); ``best/`` follows
+  ``eval.best_metric``.
 """
 
 from __future__ import annotations
@@ -68,10 +71,14 @@ class GlmtuneTrainer(Trainer):
         save_extras,
         logits_at_labels_only: bool = True,
         loss_chunk_size: int = 1024,
+        generation_eval=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.method = method
+        # generation_eval(trainer) -> {metric: value}: generation metrics added to every evaluation
+        # (glmtune.train.generation_eval.GenerationEval), or None.
+        self.generation_eval = generation_eval
         # save_extras(out_dir): writes the resolved config, tokenizer and anything else a checkpoint needs.
         self.save_extras = save_extras
         self.logits_at_labels_only = logits_at_labels_only
@@ -120,6 +127,19 @@ class GlmtuneTrainer(Trainer):
         if isinstance(outputs, dict):
             outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The stock loop (the eval loss), plus the generation metrics of ``generation_eval`` under the same
+        prefix: ``evaluate`` logs them in one entry with the loss and passes them to the callbacks."""
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.generation_eval is not None and metric_key_prefix == "eval":
+            for name, value in self.generation_eval(self).items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -256,10 +276,14 @@ class ProgressCallback(TrainerCallback):
     """A tqdm bar and, every ``logging_steps``, the line users read:
 
     ``step 900/1804 (49.9%) epoch 1 loss 0.7807 lr 2.9e-05 1.25 step/s 410 tok/s ETA 00:12:05``
+
+    and, at each evaluation, the eval loss and the generation metrics ``metrics`` (logged keys, e.g.
+    ``eval_rouge-l``): ``step 500: eval loss 2.1034, rouge-1 31.2000, ..., bleu-4 8.5000``.
     """
 
-    def __init__(self, printer=print):
+    def __init__(self, printer=print, metrics=()):
         self.printer = printer
+        self.metrics = tuple(metrics)
         self.bar = None
         self.t0 = self.last_t = None
         self.last_step = 0
@@ -309,7 +333,8 @@ class ProgressCallback(TrainerCallback):
             )
             self._write(line)
         if "eval_loss" in logs:
-            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            extra = "".join(f", {k.removeprefix('eval_')} {logs[k]:.4f}" for k in self.metrics if k in logs)
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}{extra}")
 
     def _write(self, line):
         if self.bar is not None and not self.bar.disable:
@@ -323,41 +348,84 @@ class ProgressCallback(TrainerCallback):
 
 
 class BestAndPlotCallback(TrainerCallback):
-    """Keeps ``best/`` (the weights with the lowest eval loss so far) and redraws ``loss.png``."""
+    """Keeps ``best/`` (the weights with the best ``metric`` so far: by default the lowest eval loss)
+    and redraws ``loss.png`` (with a panel of the generation metrics ``plot_metrics``).
 
-    def __init__(self):
+    ``metric`` is a logged key (``eval_loss``, ``eval_rouge-l``, ...); ``greater_is_better`` defaults to
+    :func:`~glmtune.train.generation_eval.greater_is_better` of it (lower for a loss, higher otherwise).
+    ``best/best.json`` names the step, the metric and the eval metrics logged at that step.
+    """
+
+    def __init__(self, metric: str = "eval_loss", greater_is_better: bool | None = None, plot_metrics=()):
+        from .generation_eval import greater_is_better as direction
+
         self.trainer = None
-        self.best = math.inf
+        self.metric = metric
+        self.greater_is_better = direction(metric) if greater_is_better is None else greater_is_better
+        self.best = -math.inf if self.greater_is_better else math.inf
+        self.best_step: int | None = None
+        self.plot_metrics = tuple(plot_metrics)
+
+    def _better(self, value: float) -> bool:  # False for NaN
+        return value > self.best if self.greater_is_better else value < self.best
 
     def on_train_begin(self, args, state, control, **kw):
         summary = Path(args.output_dir) / "best" / "best.json"
-        if summary.exists():  # resumed run: keep the best loss found before the interruption
-            self.best = json.loads(summary.read_text())["eval_loss"]
+        if summary.exists():  # resumed run: keep the best value found before the interruption
+            saved = json.loads(summary.read_text())
+            # best/ of another metric (eval.best_metric changed): the next evaluation replaces it.
+            if saved.get("metric", "eval_loss") == self.metric and self.metric in saved:
+                self.best, self.best_step = saved[self.metric], saved.get("step")
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None or not loss < self.best:
+        metrics = metrics or {}
+        value = metrics.get(self.metric)
+        if value is None or not self._better(value):
             return
-        self.best = loss
+        self.best, self.best_step = value, state.global_step
         if not state.is_world_process_zero:
             return
+        record = {"step": state.global_step, "metric": self.metric}
+        for key in ("eval_loss", *self.plot_metrics, self.metric):
+            if key in metrics:
+                record[key] = metrics[key]
         best = Path(args.output_dir) / "best"
         try:
             with atomic_dir(best, overwrite=True) as tmp:
                 self.trainer._save(str(tmp))
-                (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+                (tmp / "best.json").write_text(json.dumps(record))
         except OSError as e:  # best/ itself is left as it was
             raise _save_failed(e, f"best/ (step {state.global_step})", best, args.output_dir) from e
 
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
-            plot_losses(state.log_history, Path(args.output_dir) / "loss.png")
+            plot_losses(state.log_history, Path(args.output_dir) / "loss.png", metrics=self.plot_metrics)
 
 
-def plot_losses(history: list[dict], out: Path, title: str = "glmtune training loss") -> Path | None:
-    """Train loss (raw and smoothed) and eval loss against the step; written atomically."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+def loss_plot_series(history: list[dict], metrics=()) -> dict[str, list[tuple[int, float]]]:
+    """What :func:`plot_losses` draws, as ``name -> [(step, value), ...]``: ``train loss``, ``eval loss``
+    and each generation metric of ``metrics`` (logged keys, e.g. ``eval_rouge-l``) that was logged,
+    under its name without the prefix (``rouge-l``)."""
+    series = {
+        "train loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h],
+        "eval loss": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
+    }
+    for key in metrics:
+        points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+        if points:
+            series[key.removeprefix("eval_")] = points
+    return series
+
+
+def plot_losses(
+    history: list[dict], out: Path, title: str = "glmtune training loss", metrics=()
+) -> Path | None:
+    """Train loss (raw and smoothed) and eval loss against the step, and, when any of the generation
+    metrics ``metrics`` was logged, a second panel with them (ROUGE/BLEU x100 on the left axis, the
+    0-1 task metrics on the right); written atomically."""
+    series = loss_plot_series(history, metrics)
+    train, evals = series["train loss"], series["eval loss"]
+    generated = {k: v for k, v in series.items() if k not in ("train loss", "eval loss")}
     if not train and not evals:
         return None
     import matplotlib
@@ -365,7 +433,11 @@ def plot_losses(history: list[dict], out: Path, title: str = "glmtune training l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if generated:
+        fig, (ax, panel) = plt.subplots(1, 2, figsize=(14, 4.5), dpi=100)
+        _draw_metrics(panel, generated)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
@@ -387,3 +459,26 @@ def plot_losses(history: list[dict], out: Path, title: str = "glmtune training l
     fig.savefig(png, format="png")
     plt.close(fig)
     return write_bytes(out, png.getvalue())
+
+
+def _draw_metrics(ax, series: dict[str, list[tuple[int, float]]]) -> None:
+    """The generation-metrics panel: ROUGE/BLEU (x100) on ``ax``, the 0-1 task metrics on a twin axis."""
+    from ..metrics import ROUGE_BLEU_KEYS
+
+    scaled = {k: v for k, v in series.items() if k in ROUGE_BLEU_KEYS}
+    fractions = {k: v for k, v in series.items() if k not in ROUGE_BLEU_KEYS}
+    lines = []
+    for name, points in scaled.items():
+        steps, values = zip(*points)
+        lines += ax.plot(steps, values, "o-", color=f"C{len(lines) % 10}", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ROUGE / BLEU-4 (x100)")
+    ax.set_title("generation metrics (eval)")
+    ax.grid(alpha=0.3)
+    if fractions:
+        right = ax.twinx() if scaled else ax
+        for name, points in fractions.items():
+            steps, values = zip(*points)
+            lines += right.plot(steps, values, "s--", color=f"C{len(lines) % 10}", label=name)
+        right.set_ylabel("task metrics (0-1)")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize="small")
