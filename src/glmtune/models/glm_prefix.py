@@ -59,6 +59,23 @@ class PrefixEncoder(nn.Module):
         return kv.expand(batch_size, -1, -1, -1, -1).permute(2, 0, 3, 1, 4)  # [L*2, B, G, P, d]
 
 
+class PrefixOnlyCache(DynamicCache):
+    """The prefix keys/values, read by every layer and never extended (training: nothing to cache).
+
+    ``update`` returns prefix + the step's keys/values without storing them, so a layer replayed by
+    gradient checkpointing sees the same prefix again. That makes the cache safe to keep under
+    checkpointing (transformers drops a cache there, as a writer would be extended twice), which a
+    P-Tuning prefix needs: without it the prefix would silently vanish from checkpointed layers.
+    """
+
+    def fill(self, key: torch.Tensor, value: torch.Tensor, layer: int) -> None:
+        DynamicCache.update(self, key, value, layer)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
 class GlmPrefixForCausalLM(GlmForCausalLM):
     """``GlmForCausalLM`` plus a float32 P-Tuning v2 prefix encoder (``config.pre_seq_len``)."""
 
@@ -74,12 +91,16 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
         )
         # The official get_prompt applies dropout 0.1 to the prefix keys/values (off in eval mode).
         self.prefix_dropout = nn.Dropout(float(getattr(config, "prefix_dropout", 0.1)))
+        # Training passes a PrefixOnlyCache (read-only), which gradient checkpointing may keep.
+        for layer in self.model.layers:
+            layer._can_checkpoint_with_cache = True
 
     def _fill_prefix(self, cache: Cache, batch: int, dtype: torch.dtype) -> None:
         """Write the prefix keys/values, [B, G, P, d] per layer, into an empty ``cache`` in place."""
         kv = self.prefix_dropout(self.prefix_encoder(batch).float()).to(dtype)
+        write = cache.fill if isinstance(cache, PrefixOnlyCache) else cache.update
         for layer in range(self.config.num_hidden_layers):
-            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+            write(kv[2 * layer], kv[2 * layer + 1], layer)
 
     def forward(
         self,
@@ -105,7 +126,8 @@ class GlmPrefixForCausalLM(GlmForCausalLM):
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[0], ref.shape[1]
         if cache is None:
-            cache = DynamicCache(config=self.config)
+            # Training reads the prefix and caches nothing; inference keeps the real tokens too.
+            cache = PrefixOnlyCache(config=self.config) if self.training else DynamicCache(config=self.config)
         if cache.get_seq_length() == 0:
             self._fill_prefix(cache, batch, self.lm_head.weight.dtype)
         seen = cache.get_seq_length() - prefix_len  # real tokens already in the cache
