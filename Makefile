@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The exact versions the suite passed with: pip constraints for every install (see CHANGELOG.md).
-LOCK := requirements/lock.txt
+LOCK := constraints.txt
 TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
 LATEST ?= .venv-latest
 
@@ -37,7 +37,7 @@ test-all: install browser
 
 # The newest release of every direct dependency (pyproject's caps ignored; torch stays at the lock's
 # release, as a bare upgrade may pull a CUDA build) in a separate venv, then the suite. On a pass the set
-# is written to requirements/latest.txt; `make lock` then moves the lock forward to it.
+# is written to $(LATEST)/passed.txt; `make lock` then moves the lock forward to it.
 test-latest: browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
@@ -49,11 +49,11 @@ test-latest: browser
 	$(LATEST)/bin/python tools/newest_set.py diff $(LOCK) $(LATEST)/candidate.txt
 	$(LATEST)/bin/glmtune doctor
 	$(LATEST)/bin/python -m pytest -q
-	$(LATEST)/bin/python tools/newest_set.py freeze requirements/latest.txt \
-	  "The exact set the suite passed with; make install uses requirements/lock.txt as pip constraints"
+	$(LATEST)/bin/python tools/newest_set.py freeze $(LATEST)/passed.txt \
+	  "The exact set the suite passed with; make install uses constraints.txt as pip constraints"
 
-lock: requirements/latest.txt
-	cp requirements/latest.txt $(LOCK)
+lock: $(LATEST)/passed.txt
+	cp $(LATEST)/passed.txt $(LOCK)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -65,7 +65,7 @@ def test_out_of_range_core_package_warns_once(fake_versions):
     assert len(printed) == 1 and first == printed and second == []
     line = printed[0]
     assert "transformers 5.26.0" in line and ">=5.23,<5.26" in line
-    assert "pip install -c requirements/lock.txt" in line
+    assert "pip install -c constraints.txt" in line
 
 
 @pytest.mark.parametrize("version", ["5.23.0", "5.25.9", "5.25.0rc1"])

@@ -50,7 +50,7 @@ _SKIPPED_EXTRAS = {"dev"}
 _UPPER_BOUND_OPS = {"<", "<=", "==", "~=", "==="}
 
 # The checkout's exact locked set sits next to ``src/`` in an editable install; it is not in the wheel.
-_LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
+_LOCK_FILE = Path(__file__).resolve().parents[2] / "constraints.txt"
 
 
 @dataclass
@@ -438,7 +438,7 @@ def render_json(report: Report) -> str:
 def _fix_hint(packages: list[PackageStatus]) -> str:
     wanted = " ".join(f"'{p.name}{p.range}'" for p in packages) or "..."
     return (
-        f"fix: pip install {wanted} (in a glmtune checkout: pip install -c requirements/lock.txt {wanted}, "
+        f"fix: pip install {wanted} (in a glmtune checkout: pip install -c constraints.txt {wanted}, "
         "the exact set the tests passed with)"
     )
 
