@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import add_generation_arg, add_loading_args, model_path
+from .cli_args import add_generation_arg, add_loading_args, loading_kwargs, model_path
 from .errors import GlmtuneError
 
 
@@ -39,11 +39,7 @@ def _engine(args):
         resolve_model_or_run(
             args.model,
             adapter=args.adapter,
-            dtype=args.dtype,
-            device=args.device,
-            trust_remote_code=args.trust_remote_code,
-            quantization=args.quantize,
-            generation=args.generation,
+            **loading_kwargs(args),
         )
     )
 
@@ -116,11 +112,7 @@ def cmd_eval(args) -> int:
         num_samples=args.num_samples,
         n_examples=args.examples,
         fmt=args.format,
-        generation=args.generation,
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantize,
-        trust_remote_code=args.trust_remote_code,
+        **loading_kwargs(args),
     )
     tuned = flatten_metrics(report["tuned"])
     base = flatten_metrics(report["base"]) if "base" in report else None

@@ -89,3 +89,14 @@ def add_loading_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow running Python code shipped in the model folder (off by default)",
     )
+
+
+def loading_kwargs(args: argparse.Namespace) -> dict:
+    """What :func:`add_loading_args` parsed, as the keyword arguments of ``resolve_model`` and the loaders."""
+    return {
+        "generation": args.generation,
+        "dtype": args.dtype,
+        "device": args.device,
+        "quantization": args.quantize,
+        "trust_remote_code": args.trust_remote_code,
+    }

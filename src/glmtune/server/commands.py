@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import add_loading_args, model_path, positive_float, positive_int
+from ..cli_args import add_loading_args, loading_kwargs, model_path, positive_float, positive_int
 
 __all__ = ["register"]
 
@@ -36,11 +36,7 @@ def cmd_serve(args) -> int:
         timeout=args.timeout,
         model_name=args.model_name,
         backend=args.backend,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        generation=args.generation,
-        quantization=args.quantize,
+        **loading_kwargs(args),
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 from pathlib import Path
 
-from glmtune.cli_args import add_loading_args, model_path, port
+from glmtune.cli_args import add_loading_args, loading_kwargs, model_path, port
 from glmtune.errors import GlmtuneError
 
 __all__ = ["register"]
@@ -83,11 +83,7 @@ def cmd_web(args) -> int:
         args.model,
         args.adapter,
         base_model=args.base_model,
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantize,
-        trust_remote_code=args.trust_remote_code,
-        generation=args.generation,
+        **loading_kwargs(args),
     )
     feedback = FeedbackLog(args.feedback, model=backend.model, adapter=backend.adapter)
     app = build_app(backend, store=store, feedback=feedback, run_dir=args.run)
