@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 
 
+# A tiny classification task (instruction + input -> JSON label list) several tests train and score on.
+CLASSIFY_ROWS = [
+    {"context": "Instruction: 分类\nInput: 苹果很甜\nAnswer: ", "target": '["水果"]'},
+    {"context": "Instruction: 分类\nInput: 电脑很快\nAnswer: ", "target": '["电脑"]'},
+    {"context": "Instruction: 分类\nInput: 衣服很好看\nAnswer: ", "target": '["衣服"]'},
+    {"context": "Instruction: 分类\nInput: 这本书很有趣\nAnswer: ", "target": '["书籍"]'},
+]
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared, or skip the test with the reason when it is absent (a user's clone)."""
     p = SHARED.joinpath(*parts)

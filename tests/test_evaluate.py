@@ -16,12 +16,7 @@ from glmtune.specs import get_spec
 from glmtune.testing import make_tiny_model
 from glmtune.train import train
 
-ROWS = [
-    {"context": "Instruction: 分类\nInput: 苹果很甜\nAnswer: ", "target": '["水果"]'},
-    {"context": "Instruction: 分类\nInput: 电脑很快\nAnswer: ", "target": '["电脑"]'},
-    {"context": "Instruction: 分类\nInput: 衣服很好看\nAnswer: ", "target": '["衣服"]'},
-    {"context": "Instruction: 分类\nInput: 这本书很有趣\nAnswer: ", "target": '["书籍"]'},
-]
+from conftest import CLASSIFY_ROWS as ROWS
 
 
 @pytest.fixture(scope="module")
