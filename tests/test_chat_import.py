@@ -128,11 +128,42 @@ def test_import_exact_output(export_dir, tmp_path):
     summary = import_chats(export_dir, out, dev_ratio=0.25, seed=42, me="小明")
     assert summary == {
         "files_read": 5,
+        "files_skipped": ["notes.txt"],
         "messages": 25,
         "messages_without_text": 2,
         "conversations_kept": 4,
         "conversations_dropped": 3,
         "dropped_reasons": {"only_contact_messages": 1, "only_my_messages": 1, "no_reply_from_me": 1},
+        "contacts": {
+            "张三": {
+                "files": 1,
+                "messages": 12,
+                "messages_without_text": 1,
+                "conversations_kept": 2,
+                "conversations_dropped": 2,
+                "train": summary["contacts"]["张三"]["train"],
+                "dev": summary["contacts"]["张三"]["dev"],
+            },
+            "李四": {
+                "files": 1,
+                "messages": 7,
+                "messages_without_text": 1,
+                "conversations_kept": 1,
+                "conversations_dropped": 1,
+                "train": summary["contacts"]["李四"]["train"],
+                "dev": summary["contacts"]["李四"]["dev"],
+            },
+            "王五": {
+                "files": 1,
+                "messages": 6,
+                "messages_without_text": 0,
+                "conversations_kept": 1,
+                "conversations_dropped": 0,
+                "train": summary["contacts"]["王五"]["train"],
+                "dev": summary["contacts"]["王五"]["dev"],
+            },
+        },
+        "me_map_unused": [],
         "merged_train_rows": 2,
         "merged_dev_rows": 1,
         "train": 5,
@@ -145,6 +176,15 @@ def test_import_exact_output(export_dir, tmp_path):
     random.Random(42).shuffle(shuffled)
     assert read_rows(out / "dev.json") == OLD_DEV + shuffled[:1]
     assert read_rows(out / "train.json") == OLD_TRAIN + shuffled[1:]
+    # Each contact's train / dev rows add up to what it kept, and the dev row is the one that was drawn.
+    dev_owner = {
+        json.dumps(c, sort_keys=True): n
+        for c, n in zip(EXPECTED_CONVERSATIONS, ["张三", "张三", "李四", "王五"])
+    }
+    owner = dev_owner[json.dumps(shuffled[0], sort_keys=True)]
+    assert {n: (c["train"], c["dev"]) for n, c in summary["contacts"].items()} == {
+        n: (c["conversations_kept"] - (n == owner), int(n == owner)) for n, c in summary["contacts"].items()
+    }
     assert sorted(p.name for p in out.iterdir()) == ["dev.json", "train.json"]
     # The output is valid training data for the readers.
     assert len(read_examples(out / "train.json").examples) == 5
@@ -315,3 +355,93 @@ def test_fuzz_chat_logs_raise_only_data_error(tmp_path, rows, me):
         return
     assert summary["train"] >= 1
     assert len(read_examples(tmp_path / "fuzz_out" / "train.json").examples) == summary["train"]
+
+
+def _tree(tmp_path):
+    """The chat-export layout: one sub-folder per contact, logs split by month, names differing by account."""
+    src = tmp_path / "tree"
+    # 张三's timeline is split over two files; the split falls inside the first conversation.
+    write((src / "张三" / "2024-03").mkdir(parents=True) or src / "张三" / "2024-03" / "a.json", ZHANG[:3])
+    write(src / "张三" / "2024-03" / "b.json", ZHANG[3:])
+    (src / "张三" / "2024-03" / "photo.jpg").write_bytes(b"\xff\xd8")
+    # On this account I am "Ming", not "小明".
+    ming = [{**m, "sender": "Ming" if m["sender"] == "小明" else m["sender"]} for m in ZHANG]
+    write((src / "work").mkdir() or src / "work" / "chat.jsonl", [])
+    (src / "work" / "chat.jsonl").write_text(
+        "\n".join(json.dumps(m, ensure_ascii=False) for m in ming), encoding="utf-8"
+    )
+    write((src / "李四").mkdir() or src / "李四" / "log.json", LI)  # isSend flags: no name needed
+    write(src / "王五.json", WANG)  # a file at the top is a contact of its own
+    (src / ".cache").mkdir()
+    write(src / ".cache" / "junk.json", [{"sender": "x"}])  # hidden folders are not read
+    return src
+
+
+def test_nested_tree_with_a_me_map(tmp_path):
+    src = _tree(tmp_path)
+    out = tmp_path / "out"
+    summary = import_chats(src, out, dev_ratio=0, me={"work": "Ming", "*": "小明", "nobody": "x"})
+    assert summary["files_read"] == 5
+    assert summary["files_skipped"] == ["张三/2024-03/photo.jpg"]
+    assert summary["me_map_unused"] == ["nobody"]
+    per = {
+        n: (c["files"], c["messages"], c["conversations_kept"], c["train"])
+        for n, c in summary["contacts"].items()
+    }
+    # The two halves of 张三's log give the same conversations as the whole file does.
+    assert per == {"work": (1, 12, 2, 2), "李四": (1, 7, 1, 1), "王五": (1, 6, 1, 1), "张三": (2, 12, 2, 2)}
+    rows = read_rows(out / "train.json")
+    expected = EXPECTED_CONVERSATIONS[:2] * 2 + EXPECTED_CONVERSATIONS[2:]
+    assert sorted(json.dumps(r, sort_keys=True) for r in rows) == sorted(
+        json.dumps(r, sort_keys=True) for r in expected
+    )
+
+
+def test_nested_tree_without_a_name_for_a_contact_names_its_file(tmp_path):
+    src = _tree(tmp_path)
+    # "小明" is wrong for the work account: no message is mine there, so it yields nothing (not an error)...
+    summary = import_chats(src, tmp_path / "o", me="小明")
+    assert summary["contacts"]["work"]["conversations_kept"] == 0
+    assert summary["contacts"]["work"]["conversations_dropped"] == 4  # every session: only the contact
+    # ...while a contact without any name and without flags is an error naming its file.
+    with pytest.raises(DataError, match=r"work/chat\.jsonl: cannot tell which messages are yours"):
+        import_chats(src, tmp_path / "o", me={"张三": "小明", "王五": "me"})
+
+
+def test_import_chats_cli_with_a_me_map(tmp_path, capsys):
+    from glmtune.cli import main
+
+    src = _tree(tmp_path)
+    me_map = tmp_path / "me.yaml"
+    me_map.write_text("work: Ming\n", encoding="utf-8")
+    assert (
+        main(
+            [
+                "data",
+                "import-chats",
+                str(src),
+                str(tmp_path / "o"),
+                "--me",
+                "小明",
+                "--me-map",
+                str(me_map),
+                "--dev-ratio",
+                "0",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "skipped 1 other files (张三/2024-03/photo.jpg)" in out
+    lines = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.split()[:1] in (["work"], ["张三"])
+    }
+    assert lines["work"] == ["1", "12", "1", "2", "2", "2", "0"]
+    assert lines["张三"] == ["2", "12", "1", "2", "2", "2", "0"]
+    assert len(read_rows(tmp_path / "o" / "train.json")) == 6
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n", encoding="utf-8")
+    assert main(["data", "import-chats", str(src), str(tmp_path / "o"), "--me-map", str(bad)]) != 0
+    assert f"{bad}: expected an object of contact -> your sender name, got list" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""Turn exported chat history (one JSON file per contact) into ChatGLM3 ``train.json`` / ``dev.json``.
+"""Turn exported chat history into ChatGLM3 ``train.json`` / ``dev.json``.
 
 The exporting user ("me") becomes the assistant, so the fine-tuned model learns to reply the way
-they do; each contact becomes the user. Two kinds of input file sit side by side in the folder:
+they do; each contact becomes the user. The export is a folder tree: one file per contact at the top,
+or one sub-folder per contact (any depth below it, any number of files). Two kinds of input file:
 
 - ``*train.json`` / ``*dev.json`` (or ``.jsonl``): rows in any format :func:`read_examples` knows,
   usually ChatGLM3 ``{"conversations": [...]}``, merged as they are into train / dev.
@@ -21,25 +22,25 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from glmtune.data.readers import (
-    _MISSING,
+    MISSING,
     DataError,
-    _json_type,
-    _show,
-    _text,
     iter_raw_rows,
+    json_type,
     read_examples,
+    require_text,
+    show_value,
     to_conversations_row,
     write_jsonl_atomic,
 )
 
-__all__ = ["import_chats"]
+__all__ = ["import_chats", "read_me_map"]
 
 # Key aliases seen in chat exporters (WeChat, QQ, Telegram-style dumps); matched ignoring case and "_".
 _SENDER_KEYS = ("sender", "from", "talker", "name")
@@ -69,24 +70,24 @@ def _norm_key(key: str) -> str:
 
 
 def _lookup(row: dict, aliases: Sequence[str]) -> tuple[str, Any]:
-    """(key as written, value) for the first alias the row has, or (aliases[0], _MISSING)."""
+    """(key as written, value) for the first alias the row has, or (aliases[0], MISSING)."""
     keys = {_norm_key(k): k for k in row if isinstance(k, str)}
     for alias in aliases:
         key = keys.get(_norm_key(alias))
         if key is not None:
             return key, row[key]
-    return aliases[0], _MISSING
+    return aliases[0], MISSING
 
 
 def _parse_time(value: Any, loc: str, fld: str) -> float:
-    if value is _MISSING:
+    if value is MISSING:
         raise DataError(
             f"missing (a time is needed to split conversations; keys tried: {', '.join(_TIME_KEYS)})",
             loc,
             fld,
         )
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise DataError(f"expected an ISO-8601 time or unix seconds, got {_json_type(value)}", loc, fld)
+        raise DataError(f"expected an ISO-8601 time or unix seconds, got {json_type(value)}", loc, fld)
     if isinstance(value, str) and not re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
         text = value.strip()
         # datetime.fromisoformat only reads a trailing "Z" from Python 3.11 on.
@@ -99,10 +100,10 @@ def _parse_time(value: Any, loc: str, fld: str) -> float:
                 moment = moment.replace(tzinfo=timezone.utc)
             return moment.timestamp()
         except (ValueError, OverflowError):
-            raise DataError(f"not an ISO-8601 time or unix seconds: {_show(value)}", loc, fld) from None
+            raise DataError(f"not an ISO-8601 time or unix seconds: {show_value(value)}", loc, fld) from None
     seconds = float(value)
     if not math.isfinite(seconds):
-        raise DataError(f"not a finite time: {_show(value)}", loc, fld)
+        raise DataError(f"not a finite time: {show_value(value)}", loc, fld)
     return seconds / 1000 if seconds > _MS_THRESHOLD else seconds
 
 
@@ -113,21 +114,21 @@ def _flag(value: Any, loc: str, fld: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise DataError(f"expected true / false or 1 / 0, got {_show(value)}", loc, fld)
+    raise DataError(f"expected true / false or 1 / 0, got {show_value(value)}", loc, fld)
 
 
 def _is_mine(row: dict, loc: str, me: str | None) -> bool:
     # A per-message flag is the exporter's own record; it beats matching names (WeChat's "talker" is
     # the contact on every message, both directions).
     flag_key, flag = _lookup(row, _ME_FLAG_KEYS)
-    if flag is not _MISSING:
+    if flag is not MISSING:
         return _flag(flag, loc, flag_key)
     sender_key, sender = _lookup(row, _SENDER_KEYS)
     if me is not None and isinstance(sender, (str, int)) and not isinstance(sender, bool):
         return str(sender).strip() == me.strip()
-    if sender is _MISSING:
+    if sender is MISSING:
         raise DataError(f"missing (keys tried: {', '.join(_SENDER_KEYS)})", loc, sender_key)
-    raise DataError(f"expected a sender name, got {_json_type(sender)}", loc, sender_key)
+    raise DataError(f"expected a sender name, got {json_type(sender)}", loc, sender_key)
 
 
 def _looks_like_rows(row: dict) -> bool:
@@ -141,10 +142,10 @@ def _read_chat_log(path: Path, me: str | None, stats: dict) -> list[_Message]:
             f"{rows[0][0]}: this holds training rows, not a chat log; name the file *train.json or "
             "*dev.json to merge it as it is"
         )
-    if rows and me is None and not any(_lookup(row, _ME_FLAG_KEYS)[1] is not _MISSING for _, row in rows):
+    if rows and me is None and not any(_lookup(row, _ME_FLAG_KEYS)[1] is not MISSING for _, row in rows):
         raise DataError(
-            f"{path}: cannot tell which messages are yours: pass me=<your sender name> or give each "
-            f"message a flag ({', '.join(_ME_FLAG_KEYS)}, or isSend)"
+            f"{path}: cannot tell which messages are yours: pass me=<your sender name> (or a me-map "
+            f"entry for this contact) or give each message a flag ({', '.join(_ME_FLAG_KEYS)}, or isSend)"
         )
     messages = []
     for loc, row in rows:
@@ -158,7 +159,7 @@ def _read_chat_log(path: Path, me: str | None, stats: dict) -> list[_Message]:
             _Message(
                 time=_parse_time(when, loc, time_key),
                 mine=_is_mine(row, loc, me),
-                text=_text(text, loc, text_key),
+                text=require_text(text, loc, text_key),
             )
         )
     stats["messages"] += len(messages)
@@ -209,19 +210,53 @@ def _dev_count(n: int, dev_ratio: float) -> int:
     return min(n - 1, max(1, math.floor(n * dev_ratio + 0.5)))
 
 
+def _contact(path: Path, src: Path) -> str:
+    """Who a raw log belongs to: its top-level sub-folder under ``src``, or its file name at the top."""
+    rel = path.relative_to(src)
+    return rel.parts[0] if len(rel.parts) > 1 else path.stem
+
+
+def _me_for(contact: str, me: str | Mapping[str, str] | None) -> str | None:
+    if me is None or isinstance(me, str):
+        return me
+    return me.get(contact, me.get("*"))
+
+
+def read_me_map(path: str | os.PathLike) -> dict[str, str]:
+    """A ``--me-map`` file: a JSON or YAML object of contact -> your sender name there (``"*"``: the rest)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DataError(f"{p}: cannot read the me-map: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{p}: expected an object of contact -> your sender name, got {json_type(raw)}")
+    for key, value in raw.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+            raise DataError(f"expected your sender name, got {show_value(value)}", str(p), str(key))
+    return {str(k): str(v) for k, v in raw.items()}
+
+
 def import_chats(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     dev_ratio: float = 0.1,
     seed: int = 42,
     gap_minutes: float = 60,
-    me: str | None = None,
+    me: str | Mapping[str, str] | None = None,
 ) -> dict:
-    """Merge a folder of exported chats into ``out_dir/train.json`` and ``out_dir/dev.json`` (JSONL).
+    """Merge a tree of exported chats into ``out_dir/train.json`` and ``out_dir/dev.json`` (JSONL).
 
-    ``me``: your sender name in the raw logs; a per-message ``is_me`` / ``isSend`` flag, where a
-    message has one, decides instead, and a log with neither is an error naming the file. Both files are written atomically. Returns a summary: files read, messages, conversations
-    kept and dropped (by reason), train / dev rows and the paths written.
+    The folder is walked recursively (hidden folders skipped). A contact is a top-level sub-folder
+    (every log under it, at any depth, is merged into one timeline before it is cut into
+    conversations) or, for a log at the top, its file name. ``me``: your sender name in the raw logs,
+    or a mapping of contact -> name with ``"*"`` for the rest (:func:`read_me_map`); a per-message
+    ``is_me`` / ``isSend`` flag, where a message has one, decides instead, and a log with neither is
+    an error naming the file. Both files are written atomically. Returns a summary: files read and
+    skipped, messages, conversations kept and dropped (by reason), rows per contact, train / dev rows
+    and the paths written.
     """
     if not 0 <= dev_ratio < 1:
         raise ValueError(f"dev_ratio must be in [0, 1), got {dev_ratio}")
@@ -233,35 +268,61 @@ def import_chats(
     train_path, dev_path = out / "train.json", out / "dev.json"
     # Importing into the source folder again must not read the last run's output as input.
     outputs = {train_path.resolve(), dev_path.resolve()}
-    files = sorted(
-        p
-        for p in src.iterdir()
-        if p.is_file() and p.suffix.lower() in (".json", ".jsonl") and p.resolve() not in outputs
-    )
+    files, skipped_files = [], []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or p.resolve() in outputs:
+            continue
+        (files if p.suffix.lower() in (".json", ".jsonl") else skipped_files).append(p)
     if not files:
         raise DataError(f"{src}: no .json or .jsonl files to import")
 
     stats = {"messages": 0, "messages_without_text": 0}
     merged: dict[str, list[dict]] = {"train": [], "dev": []}
-    conversations: list[dict] = []
-    dropped = dict.fromkeys(DROP_REASONS, 0)
+    logs: dict[str, list[Path]] = {}
     for path in files:
         premade = _PREMADE.search(path.name)
         if premade:
             rows = read_examples(path).examples
             merged[premade.group(1).lower()] += [to_conversations_row(e) for e in rows]
-            continue
-        for session in _sessions(_read_chat_log(path, me, stats), gap_minutes * 60):
+        else:
+            logs.setdefault(_contact(path, src), []).append(path)
+
+    conversations: list[tuple[str, dict]] = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    contacts: dict[str, dict] = {}
+    for contact in sorted(logs):
+        counts = {"files": len(logs[contact]), "messages": 0, "messages_without_text": 0}
+        messages = [m for path in logs[contact] for m in _read_chat_log(path, _me_for(contact, me), counts)]
+        # One timeline per contact, even when the exporter split it over several files.
+        messages.sort(key=lambda m: m.time)
+        kept = 0
+        contact_dropped = dict.fromkeys(DROP_REASONS, 0)
+        for session in _sessions(messages, gap_minutes * 60):
             row, reason = _conversation(session)
             if row is None:
-                dropped[reason] += 1
+                contact_dropped[reason] += 1
             else:
-                conversations.append(row)
+                conversations.append((contact, row))
+                kept += 1
+        for reason, n in contact_dropped.items():
+            dropped[reason] += n
+        stats["messages"] += counts["messages"]
+        stats["messages_without_text"] += counts["messages_without_text"]
+        contacts[contact] = {
+            **counts,
+            "conversations_kept": kept,
+            "conversations_dropped": sum(contact_dropped.values()),
+            "train": 0,
+            "dev": 0,
+        }
 
     random.Random(seed).shuffle(conversations)
     n_dev = _dev_count(len(conversations), dev_ratio)
-    train = merged["train"] + conversations[n_dev:]
-    dev = merged["dev"] + conversations[:n_dev]
+    for i, (contact, _) in enumerate(conversations):
+        contacts[contact]["dev" if i < n_dev else "train"] += 1
+    train = merged["train"] + [row for _, row in conversations[n_dev:]]
+    dev = merged["dev"] + [row for _, row in conversations[:n_dev]]
     if not train:
         raise DataError(
             f"{src}: no conversation to train on ({len(files)} files, {stats['messages']} messages; "
@@ -269,13 +330,17 @@ def import_chats(
         )
     write_jsonl_atomic(train_path, train)
     write_jsonl_atomic(dev_path, dev)
+    unused = sorted(k for k in me if k != "*" and k not in logs) if isinstance(me, Mapping) else []
     return {
         "files_read": len(files),
+        "files_skipped": [str(p.relative_to(src)) for p in skipped_files],
         "messages": stats["messages"],
         "messages_without_text": stats["messages_without_text"],
         "conversations_kept": len(conversations),
         "conversations_dropped": sum(dropped.values()),
         "dropped_reasons": dropped,
+        "contacts": contacts,
+        "me_map_unused": unused,
         "merged_train_rows": len(merged["train"]),
         "merged_dev_rows": len(merged["dev"]),
         "train": len(train),

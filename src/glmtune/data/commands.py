@@ -271,8 +271,22 @@ def cmd_convert(args) -> int:
 
 
 # --------------------------------------------------------------------------------------- import-chats
+def _listed(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _me_arg(me: str | None, me_map: Path | None, read_me_map):
+    """--me alone, or the --me-map mapping with --me as the name for contacts it does not list."""
+    if me_map is None:
+        return me
+    mapping = read_me_map(me_map)
+    if me is not None:
+        mapping.setdefault("*", me)
+    return mapping
+
+
 def cmd_import_chats(args) -> int:
-    from glmtune.data.chat_import import import_chats
+    from glmtune.data.chat_import import import_chats, read_me_map
 
     if not 0 <= args.dev_ratio < 1:
         raise ConfigError(f"--dev-ratio must be in [0, 1), got {args.dev_ratio}")
@@ -284,12 +298,23 @@ def cmd_import_chats(args) -> int:
         dev_ratio=args.dev_ratio,
         seed=args.seed,
         gap_minutes=args.gap_minutes,
-        me=args.me,
+        me=_me_arg(args.me, args.me_map, read_me_map),
     )
     reasons = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["dropped_reasons"].items() if v) or "none"
+    skipped = s["files_skipped"]
     print(
         f"read {s['files_read']} files, {s['messages']} messages ({s['messages_without_text']} without text)"
+        + (f"; skipped {len(skipped)} other files ({_listed(skipped)})" if skipped else "")
     )
+    if s["contacts"]:
+        print("contact                  files  messages  no text  kept  dropped  train  dev")
+        for name, c in s["contacts"].items():
+            print(
+                f"{name[:24]:<24} {c['files']:>5} {c['messages']:>9} {c['messages_without_text']:>8}"
+                f" {c['conversations_kept']:>5} {c['conversations_dropped']:>8} {c['train']:>6} {c['dev']:>4}"
+            )
+    if s["me_map_unused"]:
+        print(f"warning: --me-map names contacts not found in {args.dir}: {_listed(s['me_map_unused'])}")
     print(f"conversations: {s['conversations_kept']} kept, {s['conversations_dropped']} dropped ({reasons})")
     if s["merged_train_rows"] or s["merged_dev_rows"]:
         print(f"merged ready-made rows: {s['merged_train_rows']} train, {s['merged_dev_rows']} dev")
@@ -361,7 +386,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = cmds.add_parser("import-chats", help="exported chat logs -> ChatGLM3 train.json / dev.json")
-    p.add_argument("dir", type=Path, help="folder of exported chats (one JSON file per contact)")
+    p.add_argument(
+        "dir", type=Path, help="folder of exported chats (a JSON file or a sub-folder per contact, any depth)"
+    )
     p.add_argument("out_dir", type=Path, help="where train.json and dev.json go")
     p.add_argument(
         "--dev-ratio", type=float, default=0.1, help="share of conversations for dev (default 0.1)"
@@ -369,6 +396,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
     p.add_argument("--gap-minutes", type=float, default=60, help="silence that starts a new conversation")
     p.add_argument("--me", help="your sender name in the logs (the assistant side)")
+    p.add_argument(
+        "--me-map",
+        type=Path,
+        help="JSON/YAML object: contact (sub-folder or file name) -> your sender name there; '*' for the rest",
+    )
     p.set_defaults(func=cmd_import_chats)
 
     p = cmds.add_parser("tokenize", help="pre-tokenize a data file into a cached Arrow dataset")

@@ -35,11 +35,15 @@ from glmtune.errors import GlmtuneError
 
 __all__ = [
     "FORMATS",
+    "MISSING",
     "DataError",
     "Example",
     "ReadResult",
     "iter_raw_rows",
+    "json_type",
     "read_examples",
+    "require_text",
+    "show_value",
     "to_conversations_row",
     "write_jsonl_atomic",
 ]
@@ -155,7 +159,7 @@ class _Missing:
         return "<missing>"
 
 
-_MISSING: Any = _Missing()
+MISSING: Any = _Missing()
 
 
 class DataError(GlmtuneError, ValueError):
@@ -206,7 +210,8 @@ class ReadResult:
     format: str = ""
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, for error messages ("null", "number", "list", "object", ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -222,7 +227,7 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _show(value: Any, limit: int = 40) -> str:
+def show_value(value: Any, limit: int = 40) -> str:
     """A value quoted for an error message, short, and printable on any UTF-8 terminal."""
     text = json.dumps(value, ensure_ascii=False)
     if _SURROGATE.search(text):
@@ -268,7 +273,7 @@ def _parse_json(text: str) -> tuple[Any, str | None, int]:
 
 
 def _not_object(loc: str, value: Any) -> DataError:
-    return DataError(f"expected a JSON object, got {_json_type(value)}", loc)
+    return DataError(f"expected a JSON object, got {json_type(value)}", loc)
 
 
 def iter_raw_rows(
@@ -361,11 +366,12 @@ def _raise_if_one_object(name: str, raw: bytes) -> None:
 # Field checks
 
 
-def _text(value: Any, loc: str, fld: str, *, allow_empty: bool = False) -> str:
-    if value is _MISSING:
+def require_text(value: Any, loc: str, fld: str, *, allow_empty: bool = False) -> str:
+    """``value`` if it is a usable string; otherwise a :class:`DataError` naming ``loc`` and ``fld``."""
+    if value is MISSING:
         raise DataError("missing", loc, fld)
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {_json_type(value)}", loc, fld)
+        raise DataError(f"expected a string, got {json_type(value)}", loc, fld)
     if not allow_empty and not value.strip():
         raise DataError("empty" if not value else "empty (whitespace only)", loc, fld)
     bad = _SURROGATE.search(value)
@@ -375,11 +381,11 @@ def _text(value: Any, loc: str, fld: str, *, allow_empty: bool = False) -> str:
 
 
 def _absent(value: Any) -> bool:
-    return value is _MISSING or value is None or (isinstance(value, str) and not value.strip())
+    return value is MISSING or value is None or (isinstance(value, str) and not value.strip())
 
 
 def _get(row: dict, key: str | None) -> Any:
-    return _MISSING if key is None else row.get(key, _MISSING)
+    return MISSING if key is None else row.get(key, MISSING)
 
 
 def _tools(value: Any, loc: str, fld: str, *, unwrap: bool = False) -> list:
@@ -390,13 +396,11 @@ def _tools(value: Any, loc: str, fld: str, *, unwrap: bool = False) -> list:
             raise DataError(f"tools given as a string must be JSON: {reason}", loc, fld)
         value = parsed
     if not isinstance(value, list):
-        raise DataError(f"expected a list of tool definitions, got {_json_type(value)}", loc, fld)
+        raise DataError(f"expected a list of tool definitions, got {json_type(value)}", loc, fld)
     out = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict):
-            raise DataError(
-                f"expected a tool definition (object), got {_json_type(tool)}", loc, f"{fld}[{i}]"
-            )
+            raise DataError(f"expected a tool definition (object), got {json_type(tool)}", loc, f"{fld}[{i}]")
         if unwrap and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
             # OpenAI wraps each definition as {"type": "function", "function": {...}}; ChatGLM3 doesn't.
             tool = tool["function"]
@@ -406,39 +410,39 @@ def _tools(value: Any, loc: str, fld: str, *, unwrap: bool = False) -> list:
 
 def _history(row: dict, key: str | None, loc: str) -> list[tuple[str, dict]]:
     value = _get(row, key)
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         return []
     if not isinstance(value, list):
-        raise DataError(f"expected a list of [question, answer] pairs, got {_json_type(value)}", loc, key)
+        raise DataError(f"expected a list of [question, answer] pairs, got {json_type(value)}", loc, key)
     out = []
     for i, pair in enumerate(value):
         fld = f"{key}[{i}]"
         if not isinstance(pair, list) or len(pair) != 2:
-            got = f"a list of {len(pair)}" if isinstance(pair, list) else _json_type(pair)
+            got = f"a list of {len(pair)}" if isinstance(pair, list) else json_type(pair)
             raise DataError(f"expected a [question, answer] pair, got {got}", loc, fld)
-        out.append((fld, {"role": "user", "content": _text(pair[0], loc, f"{fld}[0]")}))
-        out.append((fld, {"role": "assistant", "content": _text(pair[1], loc, f"{fld}[1]")}))
+        out.append((fld, {"role": "user", "content": require_text(pair[0], loc, f"{fld}[0]")}))
+        out.append((fld, {"role": "assistant", "content": require_text(pair[1], loc, f"{fld}[1]")}))
     return out
 
 
 def _message(m: Any, loc: str, fld: str, spec: _Roles) -> dict:
     if not isinstance(m, dict):
-        raise DataError(f"expected a message object, got {_json_type(m)}", loc, fld)
+        raise DataError(f"expected a message object, got {json_type(m)}", loc, fld)
     role_key, content_key = spec.role_key, spec.content_key
-    raw_role = m.get(role_key, _MISSING)
-    if raw_role is _MISSING:
+    raw_role = m.get(role_key, MISSING)
+    if raw_role is MISSING:
         raise DataError("missing", loc, f"{fld}.{role_key}")
     if not isinstance(raw_role, str):
-        raise DataError(f"expected a string, got {_json_type(raw_role)}", loc, f"{fld}.{role_key}")
+        raise DataError(f"expected a string, got {json_type(raw_role)}", loc, f"{fld}.{role_key}")
     role = spec.names.get(raw_role.strip().lower())
     if role is None:
         raise DataError(
-            f"unknown {spec.what} {_show(raw_role)} (expected {spec.expected})", loc, f"{fld}.{role_key}"
+            f"unknown {spec.what} {show_value(raw_role)} (expected {spec.expected})", loc, f"{fld}.{role_key}"
         )
 
     tools = m.get("tools")
     has_tools = isinstance(tools, list) and len(tools) > 0
-    content = m.get(content_key, _MISSING)
+    content = m.get(content_key, MISSING)
     if content is None and isinstance(m.get("tool_calls"), list):
         raise DataError(
             "expected a string, got null (OpenAI tool_calls are not supported: give the call as the content)",
@@ -447,9 +451,12 @@ def _message(m: Any, loc: str, fld: str, spec: _Roles) -> dict:
         )
     # A system message that only carries tool definitions needs no text of its own.
     allow_empty = role == "system" and has_tools
-    if allow_empty and (content is _MISSING or content is None):
+    if allow_empty and (content is MISSING or content is None):
         content = ""
-    msg = {"role": role, "content": _text(content, loc, f"{fld}.{content_key}", allow_empty=allow_empty)}
+    msg = {
+        "role": role,
+        "content": require_text(content, loc, f"{fld}.{content_key}", allow_empty=allow_empty),
+    }
 
     if tools is not None and tools != []:
         if role != "system":
@@ -462,14 +469,14 @@ def _message(m: Any, loc: str, fld: str, spec: _Roles) -> dict:
     if metadata is not None and metadata != "":
         if not isinstance(metadata, str):
             raise DataError(
-                f"expected a string (a tool name), got {_json_type(metadata)}", loc, f"{fld}.metadata"
+                f"expected a string (a tool name), got {json_type(metadata)}", loc, f"{fld}.metadata"
             )
         if role != "assistant":
             raise DataError(
                 f"only an assistant message may carry metadata (this one is {role})", loc, f"{fld}.metadata"
             )
         if metadata.strip():
-            msg["metadata"] = _text(metadata, loc, f"{fld}.metadata")
+            msg["metadata"] = require_text(metadata, loc, f"{fld}.metadata")
     return msg
 
 
@@ -514,14 +521,14 @@ def _reply(row: dict, key: str, loc: str, require_reply: bool) -> list[tuple[str
     value = _get(row, key)
     if not require_reply and _absent(value):
         return []
-    return [(key, {"role": "assistant", "content": _text(value, loc, key)})]
+    return [(key, {"role": "assistant", "content": require_text(value, loc, key)})]
 
 
 def _norm_context_target(loc: str, row: dict, cols: dict, require_reply: bool) -> list[dict]:
     items = [
         (
             cols["context"],
-            {"role": "user", "content": _text(_get(row, cols["context"]), loc, cols["context"])},
+            {"role": "user", "content": require_text(_get(row, cols["context"]), loc, cols["context"])},
         )
     ]
     items += _reply(row, cols["target"], loc, require_reply)
@@ -532,12 +539,14 @@ def _norm_alpaca(loc: str, row: dict, cols: dict, require_reply: bool) -> list[d
     items: list[tuple[str, dict]] = []
     system = _get(row, cols["system"])
     if not _absent(system):
-        items.append((cols["system"], {"role": "system", "content": _text(system, loc, cols["system"])}))
+        items.append(
+            (cols["system"], {"role": "system", "content": require_text(system, loc, cols["system"])})
+        )
     items += _history(row, cols["history"], loc)
-    user = _text(_get(row, cols["instruction"]), loc, cols["instruction"])
+    user = require_text(_get(row, cols["instruction"]), loc, cols["instruction"])
     extra = _get(row, cols["input"])
-    if extra is not _MISSING and extra is not None:
-        extra = _text(extra, loc, cols["input"], allow_empty=True)
+    if extra is not MISSING and extra is not None:
+        extra = require_text(extra, loc, cols["input"], allow_empty=True)
         if extra.strip():
             user = f"{user}\n{extra}"
     items.append((cols["instruction"], {"role": "user", "content": user}))
@@ -548,7 +557,10 @@ def _norm_alpaca(loc: str, row: dict, cols: dict, require_reply: bool) -> list[d
 def _norm_prompt_response(loc: str, row: dict, cols: dict, require_reply: bool) -> list[dict]:
     items = _history(row, cols["history"], loc)
     items.append(
-        (cols["prompt"], {"role": "user", "content": _text(_get(row, cols["prompt"]), loc, cols["prompt"])})
+        (
+            cols["prompt"],
+            {"role": "user", "content": require_text(_get(row, cols["prompt"]), loc, cols["prompt"])},
+        )
     )
     items += _reply(row, cols["response"], loc, require_reply)
     return _check_order(items, loc, cols["prompt"], require_reply)
@@ -556,10 +568,10 @@ def _norm_prompt_response(loc: str, row: dict, cols: dict, require_reply: bool) 
 
 def _message_list(row: dict, key: str, loc: str) -> list:
     value = _get(row, key)
-    if value is _MISSING:
+    if value is MISSING:
         raise DataError("missing", loc, key)
     if not isinstance(value, list):
-        raise DataError(f"expected a list of messages, got {_json_type(value)}", loc, key)
+        raise DataError(f"expected a list of messages, got {json_type(value)}", loc, key)
     if not value:
         raise DataError("no messages", loc, key)
     return value
@@ -616,7 +628,9 @@ def _norm_sharegpt(loc: str, row: dict, cols: dict, require_reply: bool) -> list
     if not _absent(system):
         if items[0][1]["role"] == "system":
             raise DataError("a system prompt given both here and in the conversation", loc, cols["system"])
-        items.insert(0, (cols["system"], {"role": "system", "content": _text(system, loc, cols["system"])}))
+        items.insert(
+            0, (cols["system"], {"role": "system", "content": require_text(system, loc, cols["system"])})
+        )
     tools = _get(row, cols["tools"])
     if not _absent(tools):
         _attach_tools(items, _tools(tools, loc, cols["tools"], unwrap=True), cols["tools"])
@@ -645,7 +659,7 @@ def _resolve_format(fmt: str) -> str | None:
         name = FORMAT_ALIASES.get(name, name)
         if name in FORMATS:
             return name
-    raise DataError(f"unknown format {_show(fmt)}; expected auto or one of {', '.join(FORMATS)}")
+    raise DataError(f"unknown format {show_value(fmt)}; expected auto or one of {', '.join(FORMATS)}")
 
 
 def _parse_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | None]:
@@ -660,11 +674,13 @@ def _parse_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | 
         # ChatGLM2's P-Tuning scripts call them prompt_column / response_column / history_column.
         name = key[: -len("_column")] if isinstance(key, str) and key.endswith("_column") else key
         if name not in _KNOWN_COLUMNS:
-            raise DataError(f"unknown column {_show(key)}; known: {', '.join(_KNOWN_COLUMNS)}")
+            raise DataError(f"unknown column {show_value(key)}; known: {', '.join(_KNOWN_COLUMNS)}")
         if value is None and name in _REQUIRED_COLUMNS:
-            raise DataError(f"column {_show(key)} is required and cannot be switched off")
+            raise DataError(f"column {show_value(key)} is required and cannot be switched off")
         if value is not None and (not isinstance(value, str) or not value):
-            raise DataError(f"column {_show(key)} must name a key (a non-empty string), got {_show(value)}")
+            raise DataError(
+                f"column {show_value(key)} must name a key (a non-empty string), got {show_value(value)}"
+            )
         out[name] = value
     return out
 
@@ -679,8 +695,8 @@ def _detect(row: dict, overrides: Mapping[str, str | None], require_reply: bool)
     def matches(fmt: str) -> bool:
         cols = _columns(fmt, overrides)
         if fmt in ("conversations", "sharegpt"):
-            value = row.get(cols["conversations"], _MISSING)
-            if value is _MISSING:
+            value = row.get(cols["conversations"], MISSING)
+            if value is MISSING:
                 return False
             first = next((m for m in value if isinstance(m, dict)), None) if isinstance(value, list) else None
             is_sharegpt = first is not None and ("from" in first or "value" in first) and "role" not in first
@@ -737,7 +753,7 @@ def read_examples(
                 err = DataError(
                     "cannot detect the format",
                     loc,
-                    message=f"cannot detect the format of {loc}: keys {_show(keys, 200)}; name it with fmt= "
+                    message=f"cannot detect the format of {loc}: keys {show_value(keys, 200)}; name it with fmt= "
                     f"(one of {', '.join(FORMATS)}) or map its keys with columns=",
                 )
                 if not skip_invalid:
