@@ -60,7 +60,7 @@ def run_demo(
 
     printer(f"[1/3] scoring the base model {model_path.name} on {len(dev)} held-out examples")
     base = Engine.load(resolved)
-    before, before_pred = evaluate(base, dev, settings, batch_size)
+    before, before_pred = evaluate(base, dev, settings, batch_size, progress=True, desc="      scoring")
     del base
     printer("      " + _fmt(before))
 
@@ -73,7 +73,7 @@ def run_demo(
 
     printer("[3/3] scoring the fine-tuned model on the same examples")
     tuned = Engine.load(resolved.replace(adapter=summary["output"]))
-    after, after_pred = evaluate(tuned, dev, settings, batch_size)
+    after, after_pred = evaluate(tuned, dev, settings, batch_size, progress=True, desc="      scoring")
     printer("      " + _fmt(after))
 
     out = Path(cfg.train.output_dir)

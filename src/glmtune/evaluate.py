@@ -18,6 +18,7 @@ import torch
 from .atomic import write_json, write_jsonl, write_text
 from .inference import Engine, GenerationSettings
 from .metrics import rouge_bleu_chatglm3, rouge_bleu_chatglm6b, task_metrics
+from .progress import Progress
 from .resolve import ResolvedModel, resolve_model_path
 from .runs import Run, resolve_model_or_run
 
@@ -43,13 +44,11 @@ def split_examples(examples) -> tuple[list[list[dict]], list[str]]:
 
 
 def _batches(order: list[int], size: int, progress: bool, desc: str):
-    starts = range(0, len(order), size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, leave=False)
-    for s in starts:
-        yield order[s : s + size]
+    """``order`` in slices of ``size``; with ``progress``, a count of rows done and an ETA on stderr."""
+    with Progress(len(order), desc, "rows", enabled=None if progress else False) as bar:
+        for s in range(0, len(order), size):
+            yield order[s : s + size]
+            bar.update(len(order[s : s + size]))
 
 
 def predict(
@@ -58,6 +57,7 @@ def predict(
     settings: GenerationSettings,
     batch_size: int = 8,
     progress: bool = False,
+    desc: str = "generate",
 ) -> list[str]:
     """Replies for every prompt, in input order, ``batch_size`` at a time (left padding, KV cache).
 
@@ -65,14 +65,16 @@ def predict(
     """
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
     outputs: list[str] = [""] * len(prompts)
-    for idx in _batches(order, batch_size, progress, "generate"):
+    for idx in _batches(order, batch_size, progress, desc):
         for i, completion in zip(idx, engine.generate([prompts[i] for i in idx], settings)):
             outputs[i] = completion.text
     return outputs
 
 
 @torch.no_grad()
-def eval_loss(engine: Engine, examples, batch_size: int = 8, max_length: int | None = 2048) -> dict:
+def eval_loss(
+    engine: Engine, examples, batch_size: int = 8, max_length: int | None = 2048, progress: bool = False
+) -> dict:
     """Token-weighted mean cross-entropy over the reply tokens (the training loss), and perplexity."""
     from .data.collate import DataCollator
     from .data.encode import EncodeSettings, encode_all
@@ -83,7 +85,7 @@ def eval_loss(engine: Engine, examples, batch_size: int = 8, max_length: int | N
     collate = DataCollator(engine.pad_id)
     total, count = 0.0, 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    for idx in _batches(order, batch_size, False, "loss"):
+    for idx in _batches(order, batch_size, progress, "eval loss"):
         batch = collate([{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in idx])
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -106,11 +108,17 @@ def generation_metrics(outputs: Sequence[str], references: Sequence[str], task: 
 
 
 def evaluate(
-    engine: Engine, examples, settings: GenerationSettings, batch_size: int = 8, task: str = "auto"
+    engine: Engine,
+    examples,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    task: str = "auto",
+    progress: bool = False,
+    desc: str = "scoring",
 ) -> tuple[dict, Predictions]:
     """Task metrics of greedy (or sampled) replies, and the predictions themselves."""
     prompts, refs = split_examples(examples)
-    outputs = predict(engine, prompts, settings, batch_size)
+    outputs = predict(engine, prompts, settings, batch_size, progress=progress, desc=desc)
     return task_metrics(outputs, refs, task=task), Predictions(prompts, refs, outputs)
 
 
@@ -127,7 +135,7 @@ def full_report(
     outputs = predict(engine, prompts, settings, batch_size, progress=True)
     report = generation_metrics(outputs, refs, task)
     if with_loss:
-        report["loss"] = eval_loss(engine, examples, batch_size)
+        report["loss"] = eval_loss(engine, examples, batch_size, progress=True)
     return report, Predictions(prompts, refs, outputs)
 
 

@@ -162,7 +162,7 @@ def _build(path, model: ResolvedModel, settings, fmt, columns, skip_invalid):
     read = read_examples(path, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
     tokenizer = load_tokenizer(model)
     encoded, stats = encode_all(
-        tokenizer, model.spec.template, read.examples, settings, skip_invalid=skip_invalid
+        tokenizer, model.spec.template, read.examples, settings, skip_invalid=skip_invalid, progress=True
     )
     # Rows the reader skipped are invalid rows too; the stats list both.
     stats.invalid = list(read.skipped) + stats.invalid

@@ -341,16 +341,20 @@ def encode_all(
     examples: Iterable[Example],
     settings: EncodeSettings | None = None,
     skip_invalid: bool = False,
+    progress: bool = False,
 ) -> tuple[list[EncodedExample], EncodeStats]:
     """Encode every example; drop (and count) those with no reply token left after truncation.
 
     ``skip_invalid``: an example the template cannot encode is left out and listed in
-    ``stats.invalid`` instead of raising :class:`DataError`.
+    ``stats.invalid`` instead of raising :class:`DataError`. ``progress``: a count and an ETA on stderr
+    (:mod:`glmtune.progress`).
     """
+    from glmtune.progress import track
+
     encoder = _Encoder(tokenizer, template, settings or EncodeSettings())
     stats = EncodeStats()
     out: list[EncodedExample] = []
-    for example in examples:
+    for example in track(examples, "tokenizing", "rows", enabled=None if progress else False):
         stats.examples += 1
         try:
             enc = encoder.encode(example)
