@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,33 @@ def test_model_folder_export_and_dtype(glm, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in load_file(out / "model.safetensors").values())
     got = _logits(glmtune.load_model(out, dtype=torch.float32), case["ids"])
     assert (got - case["plain"]).abs().max().item() < 0.5  # bf16 weights: close, not equal
+
+
+def test_export_cli_dtype_and_stage_lines(glm, tmp_path, capsys):
+    """`glmtune export --dtype` casts the written weights; each stage is announced on stderr with its time."""
+    from glmtune.cli import main
+
+    case = glm["chatglm2"]
+    assert (
+        main(
+            [
+                "export",
+                str(case["adapter"]),
+                "--base",
+                str(case["base"]),
+                "--out",
+                str(tmp_path / "o"),
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "o" / "model.safetensors").values())
+    err = capsys.readouterr().err
+    stages = re.findall(r"^\[\s*[\d.]+s\] (\w+)", err, flags=re.M)
+    assert stages == ["loading", "merging", "writing", "exported"]
+    assert "(bfloat16) with the adapter" in err
 
 
 def test_chatglm_v1_exports_official_layout(tmp_path, caplog):

@@ -154,6 +154,8 @@ def cmd_export(args) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         generation=args.generation,
+        dtype=args.dtype,
+        printer=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(f"exported to {out}")
     return 0
@@ -258,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", help="base model (default: from the run config or adapter_config.json)")
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights; the LoRA update is merged in it (default: the base checkpoint's)",
+    )
     add_generation_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)

@@ -569,6 +569,7 @@ def export(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     generation: str | None = None,
+    printer=None,
 ) -> Path:
     """Export ``source`` (run, adapter or model folder) to ``out_dir``; returns ``out_dir``.
 
@@ -577,9 +578,18 @@ def export(
     ``adapter_config.json``'s local ``base_model_name_or_path``). ``dtype``: float32 / bfloat16 / float16
     of the written weights (default: the base checkpoint's dtype); the LoRA update is merged in that dtype.
     ``overwrite``: replace an existing non-empty ``out_dir``. ``generation``: the model generation
-    (default: the run's ``model.generation``, else detected). See the module docstring for details.
+    (default: the run's ``model.generation``, else detected). ``printer``: where each stage's start and
+    time go (``glmtune export`` prints them on stderr; default: the module logger at INFO). See the module
+    docstring for details.
     """
+    import time
+
     from .loading import load_model, load_tokenizer
+
+    started = time.monotonic()
+
+    def stage(text: str) -> None:
+        (printer or log.info)(f"[{time.monotonic() - started:6.1f}s] {text}")
 
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
@@ -647,7 +657,13 @@ def export(
         fmt,
         str(target).removeprefix("torch."),
     )
+    stage(
+        f"loading {model_path} ({str(target).removeprefix('torch.')})"
+        + (f" with the adapter {adapter}" if adapter else "")
+    )
     model = load_model(resolved.replace(adapter=adapter, dtype=target))
+    if adapter is not None:
+        stage("merging the LoRA update into the weights")
     model = merge_lora(model)
     # glmtune's class for the folder (for the ChatGLM family the sentencepiece one, which the templates
     # and the official layout need, even beside an earlier export's tokenizer.json).
@@ -656,6 +672,7 @@ def export(
     )
 
     # _check_out_dir has refused a non-empty out_dir without overwrite, with the message users see.
+    stage(f"writing the {fmt} layout to {out_dir} (shards up to {max_shard_size})")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if fmt == "hf":
             _write_hf(model, tokenizer, spec, tmp, max_shard_size)
@@ -667,7 +684,7 @@ def export(
                 for f in sorted(src.weights.iterdir()):
                     if f.is_file() and not f.is_symlink():
                         shutil.copy2(f, dest / f.name)
-    log.info("exported to %s", out_dir)
+    stage(f"exported to {out_dir}")
     return out_dir
 
 
