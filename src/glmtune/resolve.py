@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import GlmtuneError, ModelLoadError
 from .specs import REGISTRY, ModelSpec, detect_generation, find_gguf, get_spec, read_json
 
 QUANTIZATIONS = ("int8-cpu", "int8-dynamic", "8bit", "4bit")
@@ -120,9 +120,26 @@ def hub_snapshot(model_id: str, *, trust_remote_code: bool = False) -> Path:
             return Path(ms_download(repo, revision=rev, ignore_file_pattern=ignore))
         except Exception as e:  # modelscope raises its own assortment; the id and reason are what matter
             raise ModelLoadError(f"{model_id}: cannot fetch from ModelScope: {e}") from None
+    return fetch_hub_snapshot(repo, rev, ignore_patterns=ignore, label=model_id)
+
+
+def fetch_hub_snapshot(
+    repo: str,
+    revision: str | None = None,
+    *,
+    repo_type: str = "model",
+    allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
+    label: str | None = None,
+    error: type[GlmtuneError] = ModelLoadError,
+) -> Path:
+    """``huggingface_hub.snapshot_download`` with the offline rules read at call time and errors that
+    name the repo and the command that fetches it (raised as ``error``). Models and datasets share it."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    label = label or repo
+    kind = "dataset" if repo_type == "dataset" else "model"
     # Read at call time (huggingface_hub reads them once, at import): tests and users may set them late.
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
     cache = os.environ.get("HF_HUB_CACHE") or (
@@ -131,25 +148,30 @@ def hub_snapshot(model_id: str, *, trust_remote_code: bool = False) -> Path:
     try:
         return Path(
             snapshot_download(
-                repo, revision=rev, cache_dir=cache, local_files_only=offline, ignore_patterns=ignore
+                repo,
+                repo_type=repo_type,
+                revision=revision,
+                cache_dir=cache,
+                local_files_only=offline,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
             )
         )
     except LocalEntryNotFoundError:
         where = cache or "the default hub cache (~/.cache/huggingface/hub)"
-        raise ModelLoadError(
-            f"{model_id}: no such local folder; as a hub id it is not in {where}"
+        raise error(
+            f"{label}: no such local {'file' if kind == 'dataset' else 'folder'}; as a hub {kind} id it is not in {where}"
             + (" and HF_HUB_OFFLINE is set" if offline else " and the hub is unreachable")
             + f"; fetch it on a machine with internet: hf download {repo}"
-            + (f" --revision {rev}" if rev else "")
-            + " (then copy the cache), or pass the model folder"
+            + (" --repo-type dataset" if kind == "dataset" else "")
+            + (f" --revision {revision}" if revision else "")
+            + f" (then copy the cache), or pass the {kind} {'file' if kind == 'dataset' else 'folder'}"
         ) from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(
-            f"{model_id}: no such model on the Hugging Face hub (or it is private)"
-        ) from None
+        raise error(f"{label}: no such {kind} on the Hugging Face hub (or it is private)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"{model_id}: no such local folder; fetching it from the Hugging Face hub failed: {e}"
+        raise error(
+            f"{label}: no such local path; fetching it from the Hugging Face hub failed: {e}"
         ) from None
 
 
