@@ -9,6 +9,11 @@ use OpenAI's ``{"error": {"message", "type", "code"}}`` shape. Any OpenAI client
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
     client.chat.completions.create(model="merged", messages=[{"role": "user", "content": "你好"}])
 
+Tool calls (ChatGLM3 / GLM-4): request ``tools`` are rendered into the system message by the model's
+template, a reply naming an offered function comes back as ``message.tool_calls`` (``finish_reason:
+"tool_calls"``; streamed as ``delta.tool_calls``), ``role: "tool"`` messages go back as observations; the
+template does the rendering and parsing (:mod:`glmtune.templates`), :mod:`.jobs` the streaming.
+
 How requests run (``--backend native``, the default): each request is tokenized and checked on the
 event loop, then put into a bounded queue (``--max-queue``; full -> 503). One worker thread takes up to
 ``--max-batch-size`` waiting rows (``n`` rows per request) after a short gather window and answers them

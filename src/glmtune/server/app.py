@@ -32,9 +32,6 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
-TOOLS_SYSTEM_PROMPT = (
-    "Answer the following questions as best as you can. You have access to the following tools:"
-)
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -237,7 +234,7 @@ def create_app(
         _check_text(body.model_dump(exclude_none=True))
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-        messages = _messages(body, backend.template)
+        messages, tool_names = _messages(body, backend.template)
         try:
             prompt = backend.encode_chat(messages)
         except (ValueError, KeyError, TypeError) as e:
@@ -247,7 +244,7 @@ def create_app(
         max_tokens = _budget(
             backend.context_length, len(prompt), body.max_completion_tokens or body.max_tokens, "messages"
         )
-        jobs = [_job(body, prompt, max_tokens, asyncio.Queue(), chat=True, timeout=timeout)]
+        jobs = [_job(body, prompt, max_tokens, asyncio.Queue(), chat=True, timeout=timeout, tools=tool_names)]
         return await _respond(ctx, request, jobs, body, chat=True)
 
     @app.post("/v1/completions")
@@ -301,34 +298,89 @@ def _check_text(value, where: str = "") -> None:
             _check_text(v, f"{where}[{i}]")
 
 
-def _messages(body: ChatCompletionRequest, template) -> list[dict]:
+def _functions(body: ChatCompletionRequest) -> list[dict]:
+    """The function definitions the prompt shows, after ``tool_choice``; 400 for what cannot be served."""
+    functions = []
+    for i, tool in enumerate(body.tools or []):
+        kind = tool.get("type", "function")
+        if kind != "function":
+            raise APIError(
+                400, f"tools[{i}]: only function tools are supported, got type {kind!r}", param=f"tools[{i}]"
+            )
+        fn = tool.get("function", tool if "name" in tool else None)  # bare definitions: ChatGLM3's demo
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"tools[{i}].function.name is required", param=f"tools[{i}].function.name")
+        functions.append(fn)
+    choice = body.tool_choice
+    if choice is None or choice == "auto":
+        return functions
+    if choice == "none":
+        return []
+    if isinstance(choice, dict) and choice.get("type", "function") == "function":
+        name = (choice.get("function") or {}).get("name")
+        chosen = [f for f in functions if f["name"] == name]
+        if not chosen:
+            raise APIError(
+                400, f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice"
+            )
+        return chosen  # as the official GLM-4 server does: only that tool is shown to the model
+    raise APIError(
+        400,
+        f"tool_choice {choice!r} is not supported: use 'auto', 'none' or a named function "
+        "(this server cannot force a call)",
+        param="tool_choice",
+    )
+
+
+def _messages(body: ChatCompletionRequest, template) -> tuple[list[dict], tuple[str, ...]]:
+    """The template's messages for a request, and the names of the functions the reply may call."""
+    functions = _functions(body)
+    uses_tools = body.tools or any(m.tools or m.tool_calls for m in body.messages)
+    if uses_tools and not template.supports_tools:
+        raise APIError(
+            400,
+            f"tools are not supported by the {template.name} chat format of this model "
+            "(tool calling works with ChatGLM3 and GLM-4 models)",
+            param="tools",
+        )
     out = []
-    for m in body.messages:
-        msg = {
-            "role": {"developer": "system", "tool": "observation"}.get(m.role, m.role),
-            "content": m.text(),
-        }
+    for i, m in enumerate(body.messages):
+        role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+        if role == "assistant" and m.tool_calls:
+            if m.text():  # text before the calls: its own turn, as the model wrote it
+                out.append({"role": "assistant", "content": m.text()})
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    out.append(template.tool_call_message(call.function.name, call.function.arguments))
+                except ValueError as e:
+                    where = f"messages[{i}].tool_calls[{j}].function.arguments"
+                    raise APIError(400, f"{where}: {e}", param=where) from None
+            continue
+        msg = {"role": role, "content": m.text()}
         if m.metadata:
             msg["metadata"] = m.metadata
         if m.tools:
             msg["tools"] = m.tools
         out.append(msg)
-    tools_used = body.tools or any("tools" in m for m in out)
-    if tools_used and not template.supports_tools:
-        raise APIError(400, "tools are only supported for ChatGLM3 / GLM-4 models", param="tools")
     if any(m["role"] == "observation" for m in out) and not template.supports_observation:
         raise APIError(
             400,
             f"tool / observation messages are not supported by the {template.name} template",
             param="messages",
         )
-    if body.tools:
-        functions = [t.get("function", t) if isinstance(t, dict) else t for t in body.tools]
+    if functions:
         if out[0]["role"] == "system":
             out[0] = {**out[0], "tools": functions}
         else:
-            out.insert(0, {"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": functions})
-    return out
+            out.insert(0, {"role": "system", "content": template.tools_system_prompt, "tools": functions})
+    names: list[str] = []
+    if body.tool_choice != "none":  # every function the prompt shows (ChatGLM3 extension: a system
+        for m in out:  # message may bring its own tools)
+            for t in m.get("tools") or []:
+                fn = t.get("function", t) if isinstance(t, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                    names.append(fn["name"])
+    return out, tuple(dict.fromkeys(names))
 
 
 def _budget(context: int, prompt_tokens: int, requested: int | None, what: str) -> int:
@@ -364,6 +416,7 @@ def _job(
     chat: bool,
     timeout: float,
     index_base: int = 0,
+    tools: tuple[str, ...] = (),
 ) -> Job:
     loop = asyncio.get_running_loop()
     return Job(
@@ -382,6 +435,7 @@ def _job(
         chat=chat,
         deadline=time.monotonic() + timeout,
         index_base=index_base,
+        tools=tools,
     )
 
 
@@ -457,13 +511,11 @@ async def _respond(ctx: _Ctx, request: Request, jobs: list[Job], body, *, chat: 
     for i in sorted(done):
         d = done[i]
         if chat:
+            message = {"role": "assistant", "content": d.text}
+            if d.tool_calls:
+                message = {"role": "assistant", "content": d.text or None, "tool_calls": d.tool_calls}
             choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": d.text},
-                    "logprobs": None,
-                    "finish_reason": d.finish_reason,
-                }
+                {"index": i, "message": message, "logprobs": None, "finish_reason": d.finish_reason}
             )
         else:
             choices.append({"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
@@ -494,11 +546,19 @@ async def _stream(
 ) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, content: str | None = None, finish: str | None = None, role: bool = False) -> str:
+    def chunk(
+        index: int,
+        content: str | None = None,
+        finish: str | None = None,
+        role: bool = False,
+        tool_calls: list[dict] | None = None,
+    ) -> str:
         if chat:
             delta = (
                 {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
             )
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish}
@@ -519,7 +579,16 @@ async def _stream(
             if isinstance(ev, Failed):
                 yield _sse({"error": {"message": ev.message, "type": ev.type, "param": None, "code": None}})
                 break
-            if isinstance(ev, Delta):
+            if isinstance(ev, Delta) and ev.tool_calls:
+                # As OpenAI streams them: per call, its id and name, then its arguments.
+                for k, call in enumerate(ev.tool_calls):
+                    fn = call["function"]
+                    head = {"name": fn["name"], "arguments": ""}
+                    yield chunk(ev.index, tool_calls=[{"index": k, **call, "function": head}])
+                    yield chunk(
+                        ev.index, tool_calls=[{"index": k, "function": {"arguments": fn["arguments"]}}]
+                    )
+            elif isinstance(ev, Delta):
                 yield chunk(ev.index, ev.text)
             elif isinstance(ev, Done):
                 finished += 1

@@ -10,6 +10,12 @@ multi-byte characters split over several tokens come out whole), applies the tem
 (ChatGLM3's metadata line, surrounding whitespace), cuts at the first ``stop`` string, and hands out only
 text that can no longer change (a trailing partial character, a possible start of a stop string and
 trailing whitespace are held back). The streamed pieces therefore add up to exactly the final text.
+
+A chat job with ``tools`` (function names) streams its text while the reply is plain text; from the first
+turn that opens with a non-empty metadata line (a function name: a call) nothing more is streamed, and
+at the end the template's ``parse_reply`` splits the answer into text and calls. The calls go out as
+one ``Delta.tool_calls`` (streaming) and in ``Done.tool_calls`` with finish reason ``tool_calls``; a
+call that does not parse (bad arguments, unknown function) stays in the text.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,14 +39,16 @@ class QueueFull(Exception):
 class Delta:
     index: int
     text: str
+    tool_calls: list[dict] | None = None  # OpenAI tool call objects (id, type, function)
 
 
 @dataclass
 class Done:
     index: int
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "tool_calls"
     completion_tokens: int
+    tool_calls: list[dict] | None = None
 
 
 @dataclass
@@ -66,6 +75,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     chat: bool = True  # chat replies get the template's cleaning; raw completions don't
+    tools: tuple[str, ...] = ()  # names of the functions a chat reply may call (empty: no call parsing)
     deadline: float = float("inf")  # time.monotonic() after which the job is abandoned
     index_base: int = 0
     id: int = field(default_factory=lambda: next(_ids))
@@ -111,12 +121,14 @@ class Row:
         decode: Callable[[list[int]], str],
         clean: Callable[[str, bool], str],
         stop_ids: set[int],
+        parse: Callable[[list[int]], object] | None = None,
     ):
         self.job = job
         self.index = index  # choice index in the response
         self._decode = decode  # token ids -> raw text
         self._clean = clean  # (raw text, final?) -> reply text
         self._stop_ids = stop_ids
+        self._parse = parse  # token ids -> templates.Reply (text + tool calls), for jobs with tools
         self.ids: list[int] = []
         self.emitted = ""
         self.done = False
@@ -158,23 +170,59 @@ class Row:
         self.done = True
         if reason == "cancelled" or self.job.expired():
             return  # nobody is listening (the handler answered the timeout itself)
+        calls = None
         if text is None:
-            text = self._clean(self._decode(self.ids), True)
+            if self._parse is not None:
+                reply = self._parse(self.ids)
+                text = reply.content
+                calls = [_call_object(c) for c in reply.tool_calls] or None
+            else:
+                text = self._clean(self._decode(self.ids), True)
             cut = self._find_stop(text)
             if cut is not None:
-                text, reason = text[:cut], "stop"
+                # A stop string in the text ends the answer before any call that follows it.
+                text, reason, calls = text[:cut], "stop", None
+        if calls:
+            reason = "tool_calls"
         if self.job.stream and len(text) > len(self.emitted):
             # `text` extends what was sent (the pieces were prefixes of it); never resend sent text.
             self.job.emit(Delta(self.index, text[len(self.emitted) :]))
-        self.job.emit(Done(self.index, text, reason, len(self.ids)))
+        if self.job.stream and calls:
+            self.job.emit(Delta(self.index, "", calls))
+        self.job.emit(Done(self.index, text, reason, len(self.ids), calls))
+
+
+def _call_object(call) -> dict:
+    """OpenAI's tool call object for a ``templates.ToolCall``."""
+    return {
+        "id": "call_" + uuid.uuid4().hex[:24],
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def make_rows(tokenizer, template, job: Job, stop_ids: set[int]) -> list[Row]:
+    """The ``n`` rows of a job (choice indexes from ``job.index_base``)."""
+    decode, clean = text_functions(tokenizer, template, job, chat=job.chat)
+    parse = None
+    if job.chat and job.tools:
+        names = set(job.tools)
+
+        def parse(ids):
+            return template.parse_reply(tokenizer, ids, names)
+
+    return [Row(job, job.index_base + i, decode, clean, stop_ids, parse) for i in range(job.n)]
 
 
 def text_functions(tokenizer, template, job: Job, *, chat: bool):
     """(decode, clean) for a job: chat replies are decoded like ``Engine.decode``; raw completions are
     decoded after the last prompt tokens so a leading space is kept."""
     if chat:
+        tools = bool(job.tools)
 
         def decode(ids):
+            if tools:  # only the first turn streams: a later one is a call (or text after it)
+                ids = template.reply_turns(tokenizer, ids)[0]
             return tokenizer.decode(ids, skip_special_tokens=True)
 
         role_tokens = template.reply_has_metadata_line
@@ -182,6 +230,8 @@ def text_functions(tokenizer, template, job: Job, *, chat: bool):
         def clean(raw: str, final: bool) -> str:
             if not final and role_tokens and "\n" not in raw:
                 return ""  # still in the metadata line, which the final text drops
+            if not final and tools and role_tokens and raw.split("\n", 1)[0].strip():
+                return ""  # a function name: a call, held until the reply is complete
             if not final:
                 # Trailing whitespace may be stripped at the end: hold it back.
                 return template.clean_reply(raw).rstrip()

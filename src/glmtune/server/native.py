@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from ..inference import Engine, GenerationSettings
-from .jobs import Failed, Job, QueueFull, Row, text_functions
+from .jobs import Failed, Job, QueueFull, Row, make_rows
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,7 @@ class NativeBackend:
     def _rows(self, batch: list[Job]) -> list[Row]:
         rows = []
         for job in batch:
-            decode, clean = text_functions(self.tokenizer, self.template, job, chat=job.chat)
-            rows += [Row(job, job.index_base + i, decode, clean, self._stop_ids) for i in range(job.n)]
+            rows += make_rows(self.tokenizer, self.template, job, self._stop_ids)
         return rows
 
     @torch.no_grad()

@@ -16,6 +16,19 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # a JSON object, as text
+
+
+class ToolCallIn(_Body):
+    """A call an earlier assistant message made (sent back by the client in a tool loop)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     # "tool" is OpenAI's name for ChatGLM3's "observation"; "developer" is OpenAI's newer "system".
     role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
@@ -23,6 +36,8 @@ class ChatMessage(_Body):
     name: str | None = None
     metadata: str | None = None  # ChatGLM3 extension: an assistant message's metadata line (tool name)
     tools: list[dict[str, Any]] | None = None  # ChatGLM3 extension: tools carried by a system message
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers (the order of turns says it)
 
     def text(self) -> str:
         if self.content is None:
@@ -81,6 +96,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
     tools: list[dict[str, Any]] | None = None
+    # "auto" (default), "none" (no tools shown, no calls read), {"type": "function", "function":
+    # {"name": ...}} (only that tool shown); "required" cannot be enforced and is refused.
+    tool_choice: str | dict[str, Any] | None = None
     top_logprobs: int | None = None
 
 

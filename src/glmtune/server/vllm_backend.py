@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from .jobs import Failed, Job, QueueFull, Row, text_functions
+from .jobs import Failed, Job, QueueFull, make_rows
 
 
 def _import_vllm():
@@ -115,8 +115,7 @@ class VLLMBackend:
             stop_token_ids=list(self.stop_ids),
             skip_special_tokens=True,
         )
-        decode, clean = text_functions(self.tokenizer, self.template, job, chat=job.chat)
-        rows = [Row(job, job.index_base + i, decode, clean, set(self.stop_ids)) for i in range(job.n)]
+        rows = make_rows(self.tokenizer, self.template, job, set(self.stop_ids))
         seen = [0] * job.n
         complete = False  # vLLM finished the request itself (else it is aborted)
         try:
