@@ -319,11 +319,16 @@ def test_wrong_type_names_path_value_and_expected_type():
     msg = _error(["train.epochs=true"])
     assert "train.epochs" in msg and "True" in msg
     msg = _error(["model.dtype=flaot16"])
-    assert "one of float32|bfloat16|float16" in msg and "did you mean 'float16'?" in msg
+    assert "one of auto|float32|bfloat16|float16" in msg and "did you mean 'float16'?" in msg
     msg = _error(["data.columns.promt=x"])
     assert "unknown column 'promt'" in msg and "did you mean 'prompt'?" in msg
     msg = _error(["method.lora_target_modules=[1, {a: b}]"])
-    assert "method.lora_target_modules[1]" in msg
+    assert "method.lora_target_modules[1]: expected string" in msg and "{'a': 'b'}" in msg
+    assert "method.lora_target_modules=[1, {a: b}]" in msg  # the override at fault
+    msg = _error(["train.resume=[1]"])  # every member of the union fails: one problem, the whole type
+    assert msg.count("train.resume") == 2 and "expected integer or string or null, got [1]" in msg
+    msg = _error(["data.columns=[a]"])
+    assert "data.columns: expected mapping of string to string or null, got ['a'] (list)" in msg
 
 
 @pytest.mark.parametrize(
@@ -434,8 +439,10 @@ def test_device_hook():
     cfg.check_device(cuda=False)  # CPU autocast handles bf16
     with pytest.raises(ConfigError, match="bf16"):
         cfg.check_device(cuda=True, bf16_supported=False, device_name="Tesla V100")
-    cfg = load_config(BASE, ["model.quantization=4bit"])
-    with pytest.raises(ConfigError, match="model.quantization"):
+    # bitsandbytes quantizes on the CPU too: not a device problem (the recipe checks the package).
+    load_config(BASE, ["model.quantization=4bit"]).check_device(cuda=False)
+    cfg = load_config(BASE, ["train.deepspeed=configs/deepspeed/zero2.json"])
+    with pytest.raises(ConfigError, match="train.deepspeed"):
         cfg.check_device(cuda=False)
 
 
@@ -482,21 +489,28 @@ def test_to_dict_is_plain():
     assert yaml.safe_load(yaml.safe_dump(d)) == d
 
 
+def _docs(cls) -> dict[str, str]:
+    """field name -> its documentation (pydantic's Field description)."""
+    return {name: info.description or "" for name, info in cls.__pydantic_fields__.items()}
+
+
 def test_config_help_mentions_every_field():
     text = config_help()
     for group, cls in GROUPS.items():
-        for f in dataclasses.fields(cls):
-            assert f"{group}.{f.name} (" in text
-            assert f.metadata["help"].split()[0] in text
+        assert list(_docs(cls)) == [f.name for f in dataclasses.fields(cls)]
+        for name, doc in _docs(cls).items():
+            assert f"{group}.{name} (" in text
+            assert doc.split()[0] in text
     assert "model.path (string; required)" in text
     assert "train.learning_rate (float; default: 0.0002)" in text
     assert "train.report_to (list of string; default: [tensorboard])" in text
+    assert "model.dtype (one of auto|float32|bfloat16|float16; default: auto)" in text
 
 
 def test_every_field_has_help():
     for cls in [*GROUPS.values(), RunConfig]:
-        for f in dataclasses.fields(cls):
-            assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name}"
+        for name, doc in _docs(cls).items():
+            assert len(doc) > 10, f"{cls.__name__}.{name}"
 
 
 def test_render_example_config():
@@ -520,12 +534,101 @@ def test_render_example_config():
         render_example_config({"train": {"learning_rat": 1}}, "x")
 
 
-def test_data_formats_match_the_readers():
+def test_data_formats_and_aliases_are_the_readers():
     from glmtune.data import readers
 
-    assert set(DATA_FORMATS) == set(readers.FORMATS)
-    known = getattr(readers, "_KNOWN_COLUMNS", None)
-    if known is not None:
-        from glmtune import config
+    assert DATA_FORMATS == readers.FORMATS
+    assert "did you mean 'alpaca'?" in _error(["data.format=alpacca"])
+    for fmt in readers.FORMATS:
+        assert load_config(BASE, [f"data.format={fmt}"]).data.format == fmt
+    for alias, fmt in readers.FORMAT_ALIASES.items():
+        assert load_config(BASE, [f"data.format={alias}"]).data.format == fmt
+    assert "auto" in _error(["data.format=nonsense"])  # the choices, auto first
+    # data.columns knows the readers' columns, and only those.
+    for column in readers.KNOWN_COLUMNS:
+        assert load_config(BASE, [f"data.columns.{column}=x"]).data.columns == {column: "x"}
 
-        assert set(config._DATA_COLUMNS) == set(known)
+
+def test_method_names_are_the_registry_keys():
+    from glmtune.method_names import METHOD_NAMES
+    from glmtune.train.methods import METHODS
+
+    assert tuple(METHODS) == METHOD_NAMES
+    for name in METHOD_NAMES:
+        assert load_config(BASE, [f"method.name={name}"]).method.name == name
+    assert "one of " + "|".join(METHOD_NAMES) in _error(["method.name=dora"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# model.dtype: auto follows the machine (glmtune.resolve), an explicit value wins
+
+
+def _resolved_dtype(tmp_path, cfg):
+    from glmtune.resolve import resolve_model
+
+    # resolve_model reads config.json only: no weights are needed to know the dtype.
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    return resolve_model(model, generation="hf", dtype=cfg.model.dtype).dtype
+
+
+def test_dtype_auto_is_the_default_and_resolves_to_float32_on_the_cpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(BASE)
+    assert cfg.model.dtype == "auto"
+    assert _resolved_dtype(tmp_path, cfg) is torch.float32
+    explicit = load_config(BASE, ["model.dtype=bf16"])
+    assert explicit.model.dtype == "bfloat16" and _resolved_dtype(tmp_path, explicit) is torch.bfloat16
+    # Saved as auto: a rerun on another machine resolves it there.
+    assert load_config(save_config(cfg, tmp_path / "c.yaml")).model.dtype == "auto"
+
+
+def test_dtype_auto_on_a_gpu_follows_its_bf16_support(tmp_path, monkeypatch):
+    import torch
+
+    from glmtune.resolve import resolve_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16, **_: bf16)
+        for overrides, want in (([], expected), (["model.dtype=float32"], torch.float32)):
+            dtype = load_config(BASE, overrides).model.dtype
+            got = resolve_model(model, generation="hf", dtype=dtype, device="cuda").dtype
+            assert got is want, (bf16, overrides)
+
+
+def test_dtype_auto_with_full_fine_tuning_is_float32():
+    """Full fine-tuning trains the loaded weights: they stay float32 unless the config says otherwise."""
+    cfg = load_config(BASE, ["method.name=full"])
+    assert cfg.model.dtype == "float32"
+    assert load_config(BASE, ["method.name=full", "model.dtype=bf16"]).model.dtype == "bfloat16"
+    assert load_config(BASE, ["method.name=lora"]).model.dtype == "auto"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The groups stay dataclasses (glmtune.demo and others use dataclasses.replace)
+
+
+def test_groups_are_dataclasses_validated_by_pydantic():
+    import pydantic
+
+    cfg = load_config(BASE)
+    quiet = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, predict_with_generate=True))
+    assert quiet.eval.predict_with_generate and not cfg.eval.predict_with_generate
+    assert dataclasses.asdict(quiet) == {
+        **to_dict(cfg),
+        "eval": {**to_dict(cfg.eval), "predict_with_generate": True},
+    }
+    # Built in Python, the values are converted and the rules hold (pydantic's own error there).
+    assert dataclasses.replace(cfg.train, batch_size="8").batch_size == 8
+    with pytest.raises(pydantic.ValidationError, match="warmup_ratio are both set"):
+        dataclasses.replace(cfg.train, warmup_steps=10, warmup_ratio=0.1)
+    # The full-fine-tuning dtype is a new model group: the config it was replaced from keeps its own.
+    full = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="full"))
+    assert (full.model.dtype, cfg.model.dtype) == ("float32", "auto")

@@ -1,15 +1,19 @@
 """The typed configuration of ``glmtune train CONFIG.yaml [key.sub=value ...]``.
 
-A run is described by five small groups of settings, each a stdlib dataclass whose fields carry their
-documentation in ``field(metadata={"help": ...})``: :class:`ModelConfig` (``model:``),
-:class:`DataConfig` (``data:``), :class:`MethodConfig` (``method:``), :class:`TrainConfig`
-(``train:``) and :class:`EvalConfig` (``eval:``), gathered in :class:`RunConfig`. The same docs become
-``glmtune train --help-config`` (:func:`config_help`) and the comments of the shipped example configs
-(:func:`render_example_config`, driven by ``configs/generate.py``).
+A run is described by five small groups of settings, each a pydantic dataclass whose fields carry their
+documentation in ``Field(description=...)``: :class:`ModelConfig` (``model:``), :class:`DataConfig`
+(``data:``), :class:`MethodConfig` (``method:``), :class:`TrainConfig` (``train:``) and
+:class:`EvalConfig` (``eval:``), gathered in :class:`RunConfig`. They are pydantic dataclasses (not
+``BaseModel``) so that they stay plain dataclasses too: ``dataclasses.replace``/``asdict``/``fields``
+work on them as on any other. The same docs become ``glmtune train --help-config`` (:func:`config_help`)
+and the comments of the shipped example configs (:func:`render_example_config`, driven by
+``configs/generate.py``).
 
-:func:`load_config` reads a YAML file (or a dict), applies dotted ``key.sub=value`` overrides, checks
-and converts every value by its field's annotation, and runs :meth:`RunConfig.validate`. Every problem
-is a :class:`~glmtune.errors.ConfigError` that names the file or override, the key path, the value and
+pydantic checks and converts every value (types, ranges, the spellings YAML and command lines bring:
+``1e-4`` read as a string, ``bf16`` for ``bfloat16``, ``a,b`` for a list) and runs the rules between
+fields (``model_validator``). :func:`load_config` reads a YAML file (or a dict), applies dotted
+``key.sub=value`` overrides and validates; pydantic's errors are rendered here as
+:class:`~glmtune.errors.ConfigError` lines that name the file or override, the key path, the value and
 what was expected; unknown keys list the valid ones and suggest the closest. :func:`save_config` writes
 the resolved config (atomically) so that ``load_config`` of that file gives an equal config.
 
@@ -25,25 +29,37 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
 import textwrap
 import types
-import typing
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from .atomic import write_text
-from .data.readers import FORMAT_ALIASES, FORMATS
+from .data.readers import FORMAT_ALIASES, FORMATS, KNOWN_COLUMNS
 from .errors import ConfigError
+from .method_names import METHOD_NAMES
 from .metrics import ROUGE_BLEU_KEYS, TASK_METRIC_NAMES
 from .specs import REGISTRY
 
 __all__ = [
+    "BESIDE_CONFIG_RULE",
+    "BEST_METRICS",
     "CONFIG_FILENAME",
     "DATA_FORMATS",
     "GROUPS",
@@ -66,196 +82,109 @@ __all__ = [
 #: File name of the resolved config saved beside every checkpoint; ``load_config(folder)`` reads it.
 CONFIG_FILENAME = "glmtune_config.yaml"
 
-# The ModelSpec registry names (glmtune.specs.REGISTRY).
-Generation = Literal[tuple(REGISTRY)]
-DType = Literal["float32", "bfloat16", "float16"]
-Quantization = Literal["none", "8bit", "4bit"]
-# The formats and their aliases are the readers' (glmtune.data.readers), listed once there.
-DataFormat = Literal[("auto", *FORMATS)]
-MethodName = Literal["lora", "ptuning_v2", "full"]
-Precision = Literal["fp32", "fp16", "bf16"]
-# transformers' SchedulerType values.
-LRScheduler = Literal[
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-]
-
 #: The data formats ``data.format`` names besides ``auto`` (:data:`glmtune.data.readers.FORMATS`).
 DATA_FORMATS: tuple[str, ...] = FORMATS
-
-# Logical column names the data readers know (glmtune.data.readers), for data.columns.
-_DATA_COLUMNS = (
-    "context",
-    "target",
-    "instruction",
-    "input",
-    "output",
-    "system",
-    "history",
-    "prompt",
-    "response",
-    "conversations",
-    "messages",
-    "tools",
-)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Field checks (run on every non-null value after conversion; return a problem or None)
-
-
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v >= low else f"must be >= {low}"
-
-    return check
-
-
-def _above(low: float) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v > low else f"must be > {low}"
-
-    return check
-
-
-def _fraction(*, closed_right: bool) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
-        return None if ok else f"must be in [0, 1{']' if closed_right else ')'}"
-
-    return check
-
-
-def _not_empty(v: Any) -> str | None:
-    return None if len(v) else "must not be empty (leave it out or set null for the default)"
-
-
-def _max_steps(v: int) -> str | None:
-    return None if v == -1 or v > 0 else "must be -1 (train for train.epochs) or a positive number of steps"
-
-
-def _resume(v: int | str) -> str | None:
-    if isinstance(v, int) and v <= 0:
-        return "must be 'latest', a positive step number or a checkpoint path"
-    if isinstance(v, str) and not v.strip():
-        return "must be 'latest', a positive step number or a checkpoint path"
-    return None
-
-
-def _columns(v: dict[str, str | None]) -> str | None:
-    for key, value in v.items():
-        if key not in _DATA_COLUMNS:
-            close = difflib.get_close_matches(key, _DATA_COLUMNS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            return f"unknown column {key!r} (known: {', '.join(_DATA_COLUMNS)}){hint}"
-        if value is not None and not value:
-            return f"column {key!r} must name a key (a non-empty string) or be null"
-    return None
-
-
-def _norm_columns(v: dict[str, str | None]) -> dict[str, str | None]:
-    # ChatGLM2's P-Tuning scripts spell them prompt_column / response_column / history_column.
-    return {(k[: -len("_column")] if k.endswith("_column") else k): x for k, x in v.items()}
-
 
 #: What eval.best_metric can name before the data is known: the eval loss, ROUGE/BLEU and every task
 #: metric (the recipe narrows the task metrics to those of the eval data).
 BEST_METRICS = ("eval_loss", *ROUGE_BLEU_KEYS, *TASK_METRIC_NAMES)
 
 
-def _norm_best_metric(v: str) -> str:
-    # As logged ("eval_rouge-l") or as named in reports ("rouge-l"); "loss" is the eval loss.
-    v = v.strip().lower()
-    if v in ("loss", "eval_loss"):
-        return "eval_loss"
-    return v.removeprefix("eval_")
-
-
-def _best_metric(v: str) -> str | None:
-    if v in BEST_METRICS:
-        return None
-    close = difflib.get_close_matches(v, BEST_METRICS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"not a metric glmtune logs; choices: {', '.join(BEST_METRICS)}{hint}"
-
-
-def _opt(
-    default: Any = MISSING,
-    *,
-    help: str,
-    factory: Callable[[], Any] | None = None,
-    aliases: Mapping[str, Any] | None = None,
-    check: Callable[[Any], str | None] | None = None,
-    normalize: Callable[[Any], Any] | None = None,
-) -> Any:
-    """A config field: ``help`` is its documentation; ``aliases`` map other spellings (compared
-    lower-cased) to the canonical value; ``check`` returns a problem with a converted value or None."""
-    metadata: dict[str, Any] = {"help": help}
-    if aliases:
-        metadata["aliases"] = dict(aliases)
-    if check:
-        metadata["check"] = check
-    if normalize:
-        metadata["normalize"] = normalize
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    if default is MISSING:
-        return field(metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 # ---------------------------------------------------------------------------------------------------
-# The groups
+# Value types: pydantic converts and checks them. The before-validators below add only what YAML
+# files and command lines bring and pydantic's lax mode does not take (or takes too readily).
 
 
-@dataclass(kw_only=True)
-class ModelConfig:
-    """The model to fine-tune and how to load it."""
+def _problem(msg: str) -> PydanticCustomError:
+    """A problem with a value, worded in full by the check that found it (rendered as ``path: msg``)."""
+    return PydanticCustomError("glmtune", "{msg}", {"msg": msg})
 
-    path: str = _opt(
-        help='Model folder (Hugging Face layout or an official ChatGLM checkpoint), a .gguf file, or "default" '
-        "for the embedded SmolLM2-135M-Instruct."
-    )
-    generation: Generation | None = _opt(
-        None,
-        help="Model generation (chatglm, chatglm2, chatglm3, glm4, hf); null = detected from the model's files. "
-        "Set it only when detection gets it wrong.",
-    )
-    dtype: DType = _opt(
-        "float32",
-        help="Dtype the base weights are loaded in: float32, bfloat16 or float16 (adapters and prefix encoders "
-        "stay float32). With quantization it is the compute dtype.",
-        aliases={
-            "fp32": "float32",
-            "float": "float32",
-            "bf16": "bfloat16",
-            "fp16": "float16",
-            "half": "float16",
-        },
-    )
-    trust_remote_code: bool = _opt(
-        False,
-        help="Allow the model folder's own Python code to run. glmtune loads the ChatGLM family without it; "
-        "only a folder nothing else can read needs it.",
-    )
-    adapter: str | None = _opt(
-        None,
-        help="Continue from an existing LoRA folder (peft) or P-Tuning v2 checkpoint instead of a fresh one.",
-    )
-    quantization: Quantization = _opt(
-        "none",
-        help="Load the base weights quantized with bitsandbytes: none, 8bit, or 4bit (NF4 with double "
-        "quantization: QLoRA when method.name is lora). Needs a CUDA GPU.",
-        aliases={
-            "none": "none",
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = "null" if value is None else type(value).__name__
+    return f"{text} ({kind})"
+
+
+def _alias_key(value: Any) -> str | None:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return str(value).strip().lower()
+    return None
+
+
+def _spelling(
+    aliases: Mapping[str, Any] = types.MappingProxyType({}), *, lower: bool = True
+) -> BeforeValidator:
+    """Other spellings (compared stripped and lower-cased, so YAML's ``false`` or ``4`` match ``"false"`` and
+    ``"4"``) mapped to the canonical value; with ``lower`` any other string is stripped and lower-cased
+    (the choices of a Literal are lower case)."""
+
+    def before(value: Any) -> Any:
+        key = _alias_key(value)
+        if key is not None and key in aliases:
+            return aliases[key]
+        return value.strip().lower() if lower and isinstance(value, str) else value
+
+    return BeforeValidator(before)
+
+
+def _int_in(value: Any) -> Any:
+    # pydantic's lax int takes True as 1 (refused: a bool is no count) and refuses "1e3" (YAML reads a
+    # quoted 1e3 as a string; taken when it is a whole number).
+    if isinstance(value, bool):
+        raise ValueError("a bool is not an integer")
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return value  # pydantic reports it
+            return int(number) if number.is_integer() else value
+    return value
+
+
+def _float_in(value: Any) -> Any:
+    # pydantic's lax float takes True as 1.0: refused. Strings ("1e-4", which YAML does not read as a
+    # number) pydantic parses itself; inf and nan are refused by allow_inf_nan=False.
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    return value
+
+
+def _split_commas(value: Any) -> Any:
+    # a,b,c from a command line (q_proj,v_proj) is the list [a, b, c].
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _metrics_in(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _split_commas(value)
+
+
+Int = Annotated[int, BeforeValidator(_int_in)]
+Float = Annotated[float, BeforeValidator(_float_in)]
+StrList = Annotated[list[str], BeforeValidator(_split_commas)]
+
+# The ModelSpec registry names (glmtune.specs.REGISTRY).
+Generation = Annotated[Literal[tuple(REGISTRY)], _spelling()]
+DType = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"],
+    _spelling(
+        {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    ),
+]
+Quantization = Annotated[
+    Literal["none", "8bit", "4bit"],
+    _spelling(
+        {
             "false": "none",
             "no": "none",
             "off": "none",
@@ -264,86 +193,16 @@ class ModelConfig:
             "int4": "4bit",
             "8": "8bit",
             "int8": "8bit",
-        },
-    )
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """The training data and how examples are cut to length."""
-
-    train_file: str = _opt(help="Training data: a .jsonl file (one JSON object a line) or a .json array.")
-    eval_file: str | None = _opt(
-        None,
-        help="Evaluation data in the same format; null = none, or a split of train_file (data.eval_ratio).",
-    )
-    format: DataFormat = _opt(
-        "auto",
-        help="Row format: auto (detected from the first row's keys), context_target, alpaca, prompt_response, "
-        "conversations (ChatGLM3), sharegpt or messages (OpenAI).",
-        aliases=FORMAT_ALIASES,
-    )
-    columns: dict[str, str | None] = _opt(
-        factory=dict,
-        help="Rename the keys a format reads, e.g. {prompt: content, response: summary, history: null} for "
-        "prompt_response; null switches an optional column off.",
-        normalize=_norm_columns,
-        check=_columns,
-    )
-    max_source_length: int | None = _opt(
-        None,
-        help="Most prompt tokens (the prompt is cut to fit); set with max_target_length, or use max_length.",
-        check=_at_least(1),
-    )
-    max_target_length: int | None = _opt(
-        None,
-        help="Most reply tokens (the reply is cut to fit); set with max_source_length, or use max_length.",
-        check=_at_least(1),
-    )
-    max_length: int | None = _opt(
-        None,
-        help="Most tokens of a whole example (prompt and reply share it); instead of the source/target pair.",
-        check=_at_least(1),
-    )
-    train_on_prompt: bool = _opt(
-        False, help="Compute the loss on prompt tokens too, not only on the replies."
-    )
-    skip_invalid: bool = _opt(
-        False, help="Skip invalid rows (listed in the log) instead of stopping at the first one."
-    )
-    packing: bool = _opt(
-        False, help="Pack several short examples into one sequence of the maximum length (faster on GPUs)."
-    )
-    group_by_length: bool = _opt(
-        False, help="Batch examples of similar length together (less padding; the order is less random)."
-    )
-    padding_free: bool = _opt(
-        True,
-        help="Concatenate each batch's examples into one row without padding (position ids restart per "
-        "example, attention stays within each example): the same batches and loss as padded ones, without "
-        "computing padding. Not for ChatGLM-6B (v1) or P-Tuning v2 (padded batches are used there) nor with "
-        "packing.",
-    )
-    cache_dir: str | None = _opt(
-        None,
-        help="Folder for the tokenized dataset cache; null = $GLMTUNE_CACHE/datasets or ~/.cache/glmtune/datasets.",
-    )
-    eval_ratio: float = _opt(
-        0.0,
-        help="Share of train_file held out for evaluation when there is no eval_file (0 = none).",
-        check=_fraction(closed_right=False),
-    )
-    seed: int | None = _opt(None, help="Seed of the eval split and of shuffling; null = train.seed.")
-
-
-@dataclass(kw_only=True)
-class MethodConfig:
-    """What is trained: LoRA adapters, a P-Tuning v2 prefix, or the whole model."""
-
-    name: MethodName = _opt(
-        "lora",
-        help="lora, ptuning_v2 or full. QLoRA is lora with model.quantization: 4bit.",
-        aliases={
+        }
+    ),
+]
+# The formats and their aliases are the readers' (glmtune.data.readers), listed once there.
+DataFormat = Annotated[Literal[("auto", *FORMATS)], _spelling(FORMAT_ALIASES)]
+# The method names are glmtune.method_names' (glmtune.train.methods.METHODS is built from them).
+MethodName = Annotated[
+    Literal[METHOD_NAMES],
+    _spelling(
+        {
             "p-tuning": "ptuning_v2",
             "ptuning": "ptuning_v2",
             "p-tuning-v2": "ptuning_v2",
@@ -353,90 +212,13 @@ class MethodConfig:
             "sft": "full",
             "full_finetune": "full",
             "finetune": "full",
-        },
-    )
-    lora_r: int = _opt(
-        8, help="LoRA rank r: the inner size of the low-rank update matrices.", check=_at_least(1)
-    )
-    lora_alpha: int = _opt(
-        32, help="LoRA scaling: the update is multiplied by lora_alpha / lora_r.", check=_above(0)
-    )
-    lora_dropout: float = _opt(0.1, help="Dropout on the LoRA input.", check=_fraction(closed_right=False))
-    lora_target_modules: list[str] | None = _opt(
-        None,
-        help="Module names LoRA wraps, e.g. [q_proj, v_proj]; null = the model generation's default.",
-        check=_not_empty,
-    )
-    pre_seq_len: int = _opt(
-        128, help="P-Tuning v2: number of virtual prefix tokens (num_virtual_tokens).", check=_at_least(1)
-    )
-    prefix_projection: bool = _opt(
-        False,
-        help="P-Tuning v2: pass the prefix through a two-layer MLP (more parameters) instead of using "
-        "the embedding directly.",
-    )
-    freeze_layers_except_last: int | None = _opt(
-        None,
-        help="Full fine-tuning only: train only the last N transformer layers (null = all).",
-        check=_at_least(1),
-    )
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """The training loop: length, optimizer, precision, logging and checkpoints."""
-
-    output_dir: str = _opt(help="Folder for checkpoints, logs and the final adapter or model.")
-    epochs: float = _opt(
-        3.0, help="Passes over the training data (used when max_steps is -1).", check=_above(0)
-    )
-    max_steps: int = _opt(-1, help="Optimizer steps to train; -1 = train for epochs.", check=_max_steps)
-    batch_size: int = _opt(4, help="Examples per device per step.", check=_at_least(1))
-    grad_accum: int = _opt(
-        1,
-        help="Gradient accumulation steps: the optimizer steps once every grad_accum batches.",
-        check=_at_least(1),
-    )
-    learning_rate: float = _opt(2e-4, help="Peak learning rate.", check=_above(0))
-    weight_decay: float = _opt(0.0, help="AdamW weight decay.", check=_at_least(0))
-    warmup_steps: int = _opt(0, help="Steps of linear warm-up from 0 to learning_rate.", check=_at_least(0))
-    warmup_ratio: float = _opt(
-        0.0,
-        help="Warm-up as a share of all steps (instead of warmup_steps).",
-        check=_fraction(closed_right=False),
-    )
-    lr_scheduler: LRScheduler = _opt(
-        "linear",
-        help="Learning-rate schedule after warm-up: linear, cosine, constant, constant_with_warmup, ...",
-    )
-    optimizer: str = _opt(
-        "adamw_torch",
-        help="Optimizer name as transformers spells it: adamw_torch, adamw_torch_fused, adafactor, "
-        "paged_adamw_8bit (bitsandbytes), ...",
-    )
-    max_grad_norm: float = _opt(
-        1.0, help="Clip the gradient norm to this (0 = no clipping).", check=_at_least(0)
-    )
-    gradient_checkpointing: bool = _opt(
-        False, help="Recompute activations in the backward pass: much less memory, about 30% slower."
-    )
-    logits_at_labels_only: bool = _opt(
-        True,
-        help="Compute the output layer and the loss only at positions that predict a label (the replies), "
-        "not over the whole vocabulary at prompt and padding positions: the same loss and gradients, faster "
-        "and lighter; false = transformers' full-logits loss.",
-    )
-    loss_chunk_size: int = _opt(
-        1024,
-        help="With logits_at_labels_only: labelled positions whose logits exist at a time, the output layer "
-        "fused with the cross-entropy and its gradient (memory: chunk x vocabulary); 0 = all at once, unfused.",
-        check=_at_least(0),
-    )
-    precision: Precision = _opt(
-        "fp32",
-        help="Mixed precision of the forward and backward pass: fp32 (none), fp16 or bf16 (CUDA; bf16 needs "
-        "an Ampere or newer GPU).",
-        aliases={
+        }
+    ),
+]
+Precision = Annotated[
+    Literal["fp32", "fp16", "bf16"],
+    _spelling(
+        {
             "no": "fp32",
             "none": "fp32",
             "false": "fp32",
@@ -446,24 +228,44 @@ class TrainConfig:
             "half": "fp16",
             "16": "fp16",
             "bfloat16": "bf16",
-        },
-    )
-    seed: int = _opt(42, help="Random seed (model init, dropout, data order).")
-    logging_steps: int = _opt(10, help="Log the loss and learning rate every N steps.", check=_at_least(1))
-    eval_steps: int | None = _opt(
-        None, help="Evaluate every N steps when there is eval data; null = save_steps.", check=_at_least(1)
-    )
-    save_steps: int = _opt(100, help="Save a checkpoint every N steps.", check=_at_least(1))
-    save_total_limit: int | None = _opt(
-        3,
-        help="Keep at most this many checkpoints (the oldest are deleted); null = keep all.",
-        check=_at_least(1),
-    )
-    resume: int | str | None = _opt(
-        None,
-        help='Resume training: "latest" (the newest checkpoint in output_dir; yes works too), a step number, or '
-        "a checkpoint path; null = start afresh.",
-        aliases={
+        }
+    ),
+]
+# transformers' SchedulerType values.
+LRScheduler = Annotated[
+    Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "reduce_lr_on_plateau",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ],
+    _spelling(),
+]
+
+
+def _max_steps(v: int) -> int:
+    if v == -1 or v > 0:
+        return v
+    raise _problem(f"must be -1 (train for train.epochs) or a positive number of steps, got {_show(v)}")
+
+
+def _resume(v: int | str | None) -> int | str | None:
+    if (isinstance(v, int) and v <= 0) or (isinstance(v, str) and not v.strip()):
+        raise _problem(f"must be 'latest', a positive step number or a checkpoint path, got {_show(v)}")
+    return v
+
+
+Resume = Annotated[
+    Int | str | None,
+    _spelling(
+        {
+            "latest": "latest",
             "true": "latest",
             "yes": "latest",
             "last": "latest",
@@ -471,61 +273,420 @@ class TrainConfig:
             "no": None,
             "none": None,
         },
-        check=_resume,
+        lower=False,
+    ),
+    AfterValidator(_resume),
+]
+
+
+def _columns(v: dict[str, str | None]) -> dict[str, str | None]:
+    # ChatGLM2's P-Tuning scripts spell them prompt_column / response_column / history_column.
+    v = {(k[: -len("_column")] if k.endswith("_column") else k): x for k, x in v.items()}
+    for key, value in v.items():
+        if key not in KNOWN_COLUMNS:
+            close = difflib.get_close_matches(key, KNOWN_COLUMNS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _problem(f"unknown column {key!r} (known: {', '.join(KNOWN_COLUMNS)}){hint}")
+        if value is not None and not value:
+            raise _problem(f"column {key!r} must name a key (a non-empty string) or be null")
+    return v
+
+
+def _best_metric(v: str) -> str:
+    # As logged ("eval_rouge-l") or as named in reports ("rouge-l"); "loss" is the eval loss.
+    name = v.strip().lower()
+    name = "eval_loss" if name in ("loss", "eval_loss") else name.removeprefix("eval_")
+    if name in BEST_METRICS:
+        return name
+    close = difflib.get_close_matches(name, BEST_METRICS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise _problem(f"{v!r} is not a metric glmtune logs; choices: {', '.join(BEST_METRICS)}{hint}")
+
+
+def _rules(problems: list[tuple[str, str]]) -> None:
+    """Raise the broken rules between fields, each as (key path, message), as one pydantic error."""
+    if problems:
+        summary = "; ".join(msg for _, msg in problems)
+        raise PydanticCustomError(
+            "glmtune_rules", "{summary}", {"summary": summary, "problems": tuple(problems)}
+        )
+
+
+# extra="forbid": unknown keys are errors (rendered with the valid keys and the closest name).
+# coerce_numbers_to_str: a path or name YAML reads as a number (model.path=123) is that text.
+# allow_inf_nan=False: .inf / .nan are no learning rate.
+_GROUP_CONFIG = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The groups
+
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
+class ModelConfig:
+    """The model to fine-tune and how to load it."""
+
+    path: str = Field(
+        description='Model folder (Hugging Face layout or an official ChatGLM checkpoint), a .gguf file, or "default" '
+        "for the embedded SmolLM2-135M-Instruct."
     )
-    report_to: list[str] = _opt(
-        factory=lambda: ["tensorboard"],
-        help="Where metrics are logged besides the console: tensorboard, wandb, ... ([] or [none] = nowhere).",
+    generation: Generation | None = Field(
+        None,
+        description="Model generation (chatglm, chatglm2, chatglm3, glm4, hf); null = detected from the model's files. "
+        "Set it only when detection gets it wrong.",
     )
-    deepspeed: str | None = _opt(
-        None, help="DeepSpeed ZeRO config json (e.g. configs/deepspeed/zero2.json); null = no DeepSpeed."
+    dtype: DType = Field(
+        "auto",
+        description="Dtype the base weights are loaded in: auto (the machine's: bfloat16 on a CUDA GPU that supports "
+        "it, else float16, float32 on the CPU; float32 for method.name full, whose weights train), float32, bfloat16 "
+        "or float16 (adapters and prefix encoders stay float32). With quantization it is the compute dtype.",
     )
-    num_workers: int = _opt(
-        0, help="Data loader worker processes (0 = load in the main process).", check=_at_least(0)
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow the model folder's own Python code to run. glmtune loads the ChatGLM family without it; "
+        "only a folder nothing else can read needs it.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="Continue from an existing LoRA folder (peft) or P-Tuning v2 checkpoint instead of a fresh one.",
+    )
+    quantization: Quantization = Field(
+        "none",
+        description="Load the base weights quantized with bitsandbytes: none, 8bit, or 4bit (NF4 with double "
+        "quantization: QLoRA when method.name is lora), each Linear weight as it streams in. Needs the "
+        "bitsandbytes package; runs on a CUDA GPU or on the CPU.",
     )
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
+class DataConfig:
+    """The training data and how examples are cut to length."""
+
+    train_file: str = Field(
+        description="Training data: a .jsonl file (one JSON object a line) or a .json array."
+    )
+    eval_file: str | None = Field(
+        None,
+        description="Evaluation data in the same format; null = none, or a split of train_file (data.eval_ratio).",
+    )
+    format: DataFormat = Field(
+        "auto",
+        description="Row format: auto (detected from the first row's keys), context_target, alpaca, prompt_response, "
+        "conversations (ChatGLM3), sharegpt or messages (OpenAI).",
+    )
+    columns: Annotated[dict[str, str | None], AfterValidator(_columns)] = Field(
+        default_factory=dict,
+        description="Rename the keys a format reads, e.g. {prompt: content, response: summary, history: null} for "
+        "prompt_response; null switches an optional column off.",
+    )
+    max_source_length: Int | None = Field(
+        None,
+        ge=1,
+        description="Most prompt tokens (the prompt is cut to fit); set with max_target_length, or use max_length.",
+    )
+    max_target_length: Int | None = Field(
+        None,
+        ge=1,
+        description="Most reply tokens (the reply is cut to fit); set with max_source_length, or use max_length.",
+    )
+    max_length: Int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens of a whole example (prompt and reply share it); instead of the source/target pair.",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Compute the loss on prompt tokens too, not only on the replies."
+    )
+    skip_invalid: bool = Field(
+        False, description="Skip invalid rows (listed in the log) instead of stopping at the first one."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several short examples into one sequence of the maximum length (faster on GPUs).",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length together (less padding; the order is less random).",
+    )
+    padding_free: bool = Field(
+        True,
+        description="Concatenate each batch's examples into one row without padding (position ids restart per "
+        "example, attention stays within each example): the same batches and loss as padded ones, without "
+        "computing padding. Not for ChatGLM-6B (v1) or P-Tuning v2 (padded batches are used there) nor with "
+        "packing.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for the tokenized dataset cache; null = $GLMTUNE_CACHE/datasets or ~/.cache/glmtune/datasets.",
+    )
+    eval_ratio: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of train_file held out for evaluation when there is no eval_file (0 = none).",
+    )
+    seed: Int | None = Field(None, description="Seed of the eval split and of shuffling; null = train.seed.")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> DataConfig:
+        problems = []
+        pair = (self.max_source_length, self.max_target_length)
+        if self.max_length is not None and any(x is not None for x in pair):
+            problems.append(
+                (
+                    "data.max_length",
+                    "data.max_length and data.max_source_length/max_target_length are both set: use either "
+                    "max_length (prompt and reply share it) or the source/target pair",
+                )
+            )
+        elif self.max_length is None and None in pair:
+            if pair == (None, None):
+                msg = "no length limit: set data.max_length, or both data.max_source_length and data.max_target_length"
+            else:
+                missing = (
+                    "data.max_target_length" if self.max_target_length is None else "data.max_source_length"
+                )
+                msg = f"{missing} is missing: data.max_source_length and data.max_target_length go together"
+            problems.append(("data.max_length", msg))
+        if self.eval_file is not None and self.eval_ratio > 0:
+            problems.append(
+                (
+                    "data.eval_ratio",
+                    "data.eval_ratio splits eval data off train_file, but data.eval_file is set: use one",
+                )
+            )
+        _rules(problems)
+        return self
+
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
+class MethodConfig:
+    """What is trained: LoRA adapters, a P-Tuning v2 prefix, or the whole model."""
+
+    name: MethodName = Field(
+        "lora",
+        description=f"{', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]}. QLoRA is lora with model.quantization: 4bit.",
+    )
+    lora_r: Int = Field(8, ge=1, description="LoRA rank r: the inner size of the low-rank update matrices.")
+    lora_alpha: Int = Field(
+        32, gt=0, description="LoRA scaling: the update is multiplied by lora_alpha / lora_r."
+    )
+    lora_dropout: Float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: StrList | None = Field(
+        None,
+        min_length=1,
+        description="Module names LoRA wraps, e.g. [q_proj, v_proj]; null = the model generation's default.",
+    )
+    pre_seq_len: Int = Field(
+        128, ge=1, description="P-Tuning v2: number of virtual prefix tokens (num_virtual_tokens)."
+    )
+    prefix_projection: bool = Field(
+        False,
+        description="P-Tuning v2: pass the prefix through a two-layer MLP (more parameters) instead of using "
+        "the embedding directly.",
+    )
+    freeze_layers_except_last: Int | None = Field(
+        None,
+        ge=1,
+        description="Full fine-tuning only: train only the last N transformer layers (null = all).",
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> MethodConfig:
+        if self.freeze_layers_except_last is not None and self.name != "full":
+            _rules(
+                [
+                    (
+                        "method.freeze_layers_except_last",
+                        f"method.freeze_layers_except_last is for method.name full, not {self.name}",
+                    )
+                ]
+            )
+        return self
+
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
+class TrainConfig:
+    """The training loop: length, optimizer, precision, logging and checkpoints."""
+
+    output_dir: str = Field(description="Folder for checkpoints, logs and the final adapter or model.")
+    epochs: Float = Field(3.0, gt=0, description="Passes over the training data (used when max_steps is -1).")
+    max_steps: Annotated[Int, AfterValidator(_max_steps)] = Field(
+        -1, description="Optimizer steps to train; -1 = train for epochs."
+    )
+    batch_size: Int = Field(4, ge=1, description="Examples per device per step.")
+    grad_accum: Int = Field(
+        1,
+        ge=1,
+        description="Gradient accumulation steps: the optimizer steps once every grad_accum batches.",
+    )
+    learning_rate: Float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: Int = Field(0, ge=0, description="Steps of linear warm-up from 0 to learning_rate.")
+    warmup_ratio: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Warm-up as a share of all steps (instead of warmup_steps).",
+    )
+    lr_scheduler: LRScheduler = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up: linear, cosine, constant, constant_with_warmup, ...",
+    )
+    optimizer: str = Field(
+        "adamw_torch",
+        description="Optimizer name as transformers spells it: adamw_torch, adamw_torch_fused, adafactor, "
+        "paged_adamw_8bit (bitsandbytes), ...",
+    )
+    max_grad_norm: Float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 = no clipping).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: much less memory, about 30% slower."
+    )
+    logits_at_labels_only: bool = Field(
+        True,
+        description="Compute the output layer and the loss only at positions that predict a label (the replies), "
+        "not over the whole vocabulary at prompt and padding positions: the same loss and gradients, faster "
+        "and lighter; false = transformers' full-logits loss.",
+    )
+    loss_chunk_size: Int = Field(
+        1024,
+        ge=0,
+        description="With logits_at_labels_only: labelled positions whose logits exist at a time, the output layer "
+        "fused with the cross-entropy and its gradient (memory: chunk x vocabulary); 0 = all at once, unfused.",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="Mixed precision of the forward and backward pass: fp32 (none), fp16 or bf16 (CUDA; bf16 needs "
+        "an Ampere or newer GPU).",
+    )
+    seed: Int = Field(42, description="Random seed (model init, dropout, data order).")
+    logging_steps: Int = Field(10, ge=1, description="Log the loss and learning rate every N steps.")
+    eval_steps: Int | None = Field(
+        None, ge=1, description="Evaluate every N steps when there is eval data; null = save_steps."
+    )
+    save_steps: Int = Field(100, ge=1, description="Save a checkpoint every N steps.")
+    save_total_limit: Int | None = Field(
+        3,
+        ge=1,
+        description="Keep at most this many checkpoints (the oldest are deleted); null = keep all.",
+    )
+    resume: Resume = Field(
+        None,
+        description='Resume training: "latest" (the newest checkpoint in output_dir; yes works too), a step number, or '
+        "a checkpoint path; null = start afresh.",
+    )
+    report_to: StrList = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics are logged besides the console: tensorboard, wandb, ... ([] or [none] = nowhere).",
+    )
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed ZeRO config json (e.g. configs/deepspeed/zero2.json); null = no DeepSpeed.",
+    )
+    num_workers: Int = Field(
+        0, ge=0, description="Data loader worker processes (0 = load in the main process)."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> TrainConfig:
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            _rules(
+                [("train.warmup_steps", "train.warmup_steps and train.warmup_ratio are both set: use one")]
+            )
+        return self
+
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
 class EvalConfig:
     """Evaluation during and after training."""
 
-    max_new_tokens: int = _opt(256, help="Most tokens generated per evaluation example.", check=_at_least(1))
-    predict_with_generate: bool = _opt(
+    max_new_tokens: Int = Field(256, ge=1, description="Most tokens generated per evaluation example.")
+    predict_with_generate: bool = Field(
         False,
-        help="At every evaluation during training, also generate replies for the eval data (num_samples "
+        description="At every evaluation during training, also generate replies for the eval data (num_samples "
         "of it) and log ROUGE-1/2/L, BLEU-4 and the task metrics beside the eval loss.",
     )
-    metrics: Literal["auto"] | list[str] = _opt(
-        "auto", help="Generation metrics: auto (chosen from the data) or a list such as [rouge, bleu]."
+    metrics: Annotated[Literal["auto"] | list[str], BeforeValidator(_metrics_in)] = Field(
+        "auto", description="Generation metrics: auto (chosen from the data) or a list such as [rouge, bleu]."
     )
-    num_samples: int | None = _opt(
-        None, help="Generate for at most this many eval examples (null = all).", check=_at_least(1)
+    num_samples: Int | None = Field(
+        None, ge=1, description="Generate for at most this many eval examples (null = all)."
     )
-    temperature: float = _opt(0.0, help="Sampling temperature of generation; 0 = greedy.", check=_at_least(0))
-    top_p: float = _opt(1.0, help="Nucleus sampling mass when temperature > 0.", check=_above(0))
-    best_metric: str = _opt(
+    temperature: Float = Field(0.0, ge=0, description="Sampling temperature of generation; 0 = greedy.")
+    top_p: Float = Field(1.0, gt=0, description="Nucleus sampling mass when temperature > 0.")
+    best_metric: Annotated[str, AfterValidator(_best_metric)] = Field(
         "eval_loss",
-        help="The eval metric best/ follows: eval_loss (lower is better) or, with predict_with_generate, "
+        description="The eval metric best/ follows: eval_loss (lower is better) or, with predict_with_generate, "
         "a generation metric (higher is better): rouge-1, rouge-2, rouge-l, bleu-4 or a task metric of "
         "the eval data (exact_match, json_exact_match, f1, ...).",
-        normalize=_norm_best_metric,
-        check=_best_metric,
     )
 
+    @model_validator(mode="after")
+    def _check_rules(self) -> EvalConfig:
+        if self.best_metric != "eval_loss" and not self.predict_with_generate:
+            _rules(
+                [
+                    (
+                        "eval.best_metric",
+                        f"eval.best_metric {self.best_metric} is a generation metric, logged only with "
+                        "eval.predict_with_generate true: set it, or use eval_loss (the only choice without it)",
+                    )
+                ]
+            )
+        return self
 
-@dataclass(kw_only=True)
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
 class RunConfig:
     """A whole ``glmtune train`` run."""
 
-    model: ModelConfig = _opt(help="The model to fine-tune and how to load it.")
-    data: DataConfig = _opt(help="The training data and how examples are cut to length.")
-    method: MethodConfig = _opt(
-        factory=MethodConfig, help="What is trained: LoRA adapters, a P-Tuning v2 prefix, or the whole model."
+    model: ModelConfig = Field(description="The model to fine-tune and how to load it.")
+    data: DataConfig = Field(description="The training data and how examples are cut to length.")
+    method: MethodConfig = Field(
+        default_factory=MethodConfig,
+        description="What is trained: LoRA adapters, a P-Tuning v2 prefix, or the whole model.",
     )
-    train: TrainConfig = _opt(
-        help="The training loop: length, optimizer, precision, logging and checkpoints."
+    train: TrainConfig = Field(
+        description="The training loop: length, optimizer, precision, logging and checkpoints."
     )
-    eval: EvalConfig = _opt(factory=EvalConfig, help="Evaluation during and after training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during and after training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_groups(cls, data: Any) -> Any:
+        # A group left out (or null, as an empty YAML section reads) is an empty one: its required keys are
+        # then reported by name (model.path), not the whole group as missing.
+        if isinstance(data, Mapping):
+            return {**data, **{name: {} for name in GROUPS if data.get(name) is None}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> RunConfig:
+        problems = []
+        if self.method.name == "full" and self.model.quantization != "none":
+            problems.append(
+                (
+                    "model.quantization",
+                    f"model.quantization {self.model.quantization} with method.name full: quantized weights cannot be "
+                    "trained; use lora (QLoRA) or ptuning_v2, or quantization none",
+                )
+            )
+        if self.method.name == "full" and self.model.adapter is not None:
+            problems.append(
+                (
+                    "model.adapter",
+                    "model.adapter (continue a LoRA or P-Tuning run) does not apply to method.name full",
+                )
+            )
+        # method.name ptuning_v2 with model.quantization 8bit/4bit is allowed (the official 8-bit P-Tuning).
+        _rules(problems)
+        if self.method.name == "full" and self.model.dtype == "auto":
+            # Full fine-tuning trains the loaded weights themselves: mixed precision keeps them (its master
+            # copy) in float32, and fp16 weights cannot be trained with fp16 at all (the gradient scaler
+            # refuses them), so the machine's dtype does not apply. The resolved value is saved as such; a
+            # new group, not an edit of one a caller may share (dataclasses.replace keeps the others).
+            self.model = dataclasses.replace(self.model, dtype="float32")
+        return self
 
     # -- derived values ------------------------------------------------------------------------------
     @property
@@ -545,14 +706,15 @@ class RunConfig:
 
     # -- checks --------------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
-        """Check every value's type and range (normalising aliases in place) and the rules between fields.
+        """Check every value's type and range (normalising aliases in place) and the rules between fields:
+        for a config changed or built in Python (attribute assignment is not validated).
 
         Raises :class:`ConfigError` listing every problem. Device-dependent rules (fp16/bf16, quantization)
         cannot be checked here: the trainer calls :meth:`check_device` once it knows the device.
         """
-        problems = _validate(self)
-        if problems:
-            raise ConfigError(_format_problems(problems, None, {}))
+        checked = _validated(to_dict(self), None, {})
+        for name in GROUPS:  # converted values and canonical spellings, in place
+            setattr(self, name, getattr(checked, name))
         return self
 
     def check_device(self, *, cuda: bool, bf16_supported: bool = False, device_name: str = "") -> None:
@@ -567,11 +729,6 @@ class RunConfig:
             )
         if self.train.precision == "bf16" and cuda and not bf16_supported:
             problems.append(f"train.precision: {where} does not support bf16; use fp16 or fp32")
-        if self.model.quantization != "none" and not cuda:
-            problems.append(
-                f"model.quantization: {self.model.quantization} loading (bitsandbytes) needs a CUDA GPU, "
-                f"{where} has none; use none"
-            )
         if self.train.deepspeed and not cuda:
             problems.append(f"train.deepspeed: DeepSpeed needs CUDA GPUs, {where} has none; set it to null")
         if problems:
@@ -585,6 +742,8 @@ GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
 }
+
+_RUN_CONFIG = TypeAdapter(RunConfig)
 
 # Names other tools and the original ChatGLM scripts use -> glmtune's key path (suggestions only).
 _KNOWN_ALIASES: dict[str, str] = {
@@ -634,36 +793,39 @@ _KNOWN_ALIASES: dict[str, str] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# Types: names and conversion
+# pydantic's errors as glmtune's messages: the key path, the value, the expected type, the hint.
 
 
-class _Problem(Exception):
+@dataclasses.dataclass
+class _Problem:
     """One problem: the key path it is about and the whole message (which names that path)."""
 
-    def __init__(self, path: str, msg: str):
-        super().__init__(msg)
-        self.path = path
-        self.msg = msg
+    path: str
+    msg: str
 
 
-def _bad(path: str, msg: str) -> _Problem:
-    return _Problem(path, f"{path}: {msg}" if path else msg)
+def _fields(cls: type) -> dict[str, Any]:
+    """A group's fields: name -> pydantic FieldInfo (annotation, default, description, constraints)."""
+    return cls.__pydantic_fields__
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _unwrap(tp: Any) -> Any:
+    # Annotated[X, validators...] -> X (the validators convert; the type is X).
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
 
 
 def _is_union(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType)
 
 
+def _is_group(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def _type_name(tp: Any) -> str:
+    tp = _unwrap(tp)
     if tp is type(None):
         return "null"
     if _is_union(tp):
@@ -684,153 +846,72 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    kind = "null" if value is None else type(value).__name__
-    return f"{text} ({kind})"
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """``value`` as type ``tp``, or :class:`_Problem` naming the path, the value and the expected type."""
-    expected = f"expected {_type_name(tp)}, got {_show(value)}"
-    if _is_union(tp):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _bad(path, expected)
-        arms = [a for a in args if a is not type(None)]
-        # An arm the value already is wins (resume: 500 stays an int, "latest" a string).
-        for arm in sorted(arms, key=lambda a: not _already(value, a)):
-            try:
-                return _convert(value, arm, path)
-            except _Problem as err:
-                if len(arms) == 1:
-                    raise err from None
-        raise _bad(path, expected)
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if isinstance(value, str):
-            text = value.strip().lower()
-            for c in choices:
-                if text == str(c).lower():
-                    return c
-            close = difflib.get_close_matches(text, [str(c) for c in choices], n=1)
-            if close:
-                expected += f"; did you mean {close[0]!r}?"
-        raise _bad(path, expected)
-    if origin is list:
-        (item,) = get_args(tp)
-        if isinstance(value, str):  # a,b,c from a command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise _bad(path, expected)
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, value_tp = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise _bad(path, expected)
-        return {
-            _convert(k, key_tp, f"{path} (key {k!r})"): _convert(v, value_tp, f"{path}.{k}")
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _bad(path, expected)
-    if tp is int:
-        if isinstance(value, bool):
-            raise _bad(path, expected)
-        if isinstance(value, int):
-            return value
-        number = value
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                try:
-                    number = float(value.strip())
-                except ValueError:
-                    raise _bad(path, expected) from None
-        if isinstance(number, float) and number.is_integer():
-            return int(number)
-        raise _bad(path, expected)
-    if tp is float:
-        if isinstance(value, bool):
-            raise _bad(path, expected)
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                number = float(value.strip())
-            except ValueError:
-                pass
-        if number is None or not math.isfinite(number):
-            raise _bad(path, expected)
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _bad(path, expected)
-    raise TypeError(f"config field {path} has an unsupported type {tp!r}")  # a bug in this module
-
-
-def _already(value: Any, tp: Any) -> bool:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return value in get_args(tp)
-    if origin in (list, dict):
-        return isinstance(value, origin)
-    if tp in (int, float):
-        return isinstance(value, tp) and not isinstance(value, bool)
-    return isinstance(tp, type) and isinstance(value, tp)
-
-
-def _alias_key(value: Any) -> str | None:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return str(value).strip().lower()
+def _arm(tp: Any, origin: type) -> Any:
+    """The ``list[...]`` / ``dict[...]`` member of ``tp`` (itself, or one arm of a union), or None."""
+    tp = _unwrap(tp)
+    for arm in get_args(tp) if _is_union(tp) else (tp,):
+        if get_origin(_unwrap(arm)) is origin:
+            return _unwrap(arm)
     return None
 
 
-def _convert_field(f: dataclasses.Field, tp: Any, value: Any, path: str) -> Any:
-    aliases = f.metadata.get("aliases")
-    key = _alias_key(value)
-    if aliases and key is not None and key in aliases:
-        value = aliases[key]
-    value = _convert(value, tp, path)
-    if value is not None and "normalize" in f.metadata:
-        value = f.metadata["normalize"](value)
-    if value is not None and "check" in f.metadata:
-        problem = f.metadata["check"](value)
-        if problem:
-            got = "" if isinstance(value, (dict, list)) else f", got {_show(value)}"
-            raise _bad(path, problem + got)
-    return value
+def _locate(loc: tuple) -> tuple[str, Any, Any]:
+    """The key path of a pydantic error location (``("train", "learning_rate")`` -> ``train.learning_rate``,
+    ``("method", "lora_target_modules", 1)`` -> ``method.lora_target_modules[1]``), the type expected
+    there, and the FieldInfo of the field it lies in (None at the top)."""
+    path, tp, info = "", RunConfig, None
+    for part in loc:
+        tp = _unwrap(tp)
+        if _is_group(tp) and part in _fields(tp):
+            info = _fields(tp)[part]
+            tp = info.annotation
+            path = f"{path}.{part}" if path else str(part)
+        elif isinstance(part, int) and _arm(tp, list) is not None:
+            tp = get_args(_arm(tp, list))[0]
+            path = f"{path}[{part}]"
+        elif isinstance(part, str) and _arm(tp, dict) is not None and part != "[key]":
+            tp = get_args(_arm(tp, dict))[1]
+            path = f"{path}.{part}"
+        else:
+            # The tag pydantic gives one member of a union ("int", "list[str]"): the value failed every
+            # member, so the problem is the field's as a whole.
+            break
+    return path, tp, info
 
 
-def _is_group(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+def _bounds(info: Any) -> str:
+    """A field's range as its ``Field(ge=..., lt=...)`` constraints say: ``must be >= 1``, ``must be in [0, 1)``."""
+    low = high = None
+    for c in info.metadata if info is not None else ():
+        if isinstance(c, annotated_types.Ge):
+            low = f"[{c.ge}"
+        elif isinstance(c, annotated_types.Gt):
+            low = f"({c.gt}"
+        elif isinstance(c, annotated_types.Le):
+            high = f"{c.le}]"
+        elif isinstance(c, annotated_types.Lt):
+            high = f"{c.lt})"
+    if low and high:
+        return f"must be in {low}, {high}"
+    if low:
+        return f"must be {'>=' if low[0] == '[' else '>'} {low[1:]}"
+    if high:
+        return f"must be {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+    return "out of range"
 
 
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING
+def _choices(tp: Any) -> list[str]:
+    """The choices of a Literal type (or of the Literal member of a union)."""
+    tp = _unwrap(tp)
+    for arm in get_args(tp) if _is_union(tp) else (tp,):
+        if get_origin(_unwrap(arm)) is Literal:
+            return [str(c) for c in get_args(_unwrap(arm))]
+    return []
 
 
 def _all_keys() -> dict[str, str]:
     """field name -> full key path, over every group."""
-    return {f.name: f"{g}.{f.name}" for g, cls in GROUPS.items() for f in fields(cls)}
+    return {name: f"{g}.{name}" for g, cls in GROUPS.items() for name in _fields(cls)}
 
 
 def _unknown(path: str, key: str, valid: list[str], group: str | None) -> _Problem:
@@ -856,116 +937,58 @@ def _unknown(path: str, key: str, valid: list[str], group: str | None) -> _Probl
     return _Problem(full, msg)
 
 
-def _build(cls: type, raw: Any, path: str, problems: list[_Problem]) -> Any:
-    """An instance of the dataclass ``cls`` from ``raw``; problems are appended (None returned)."""
-    group = path or None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        what = f"the keys of {path}" if path else "groups (model, data, method, train, eval)"
-        problems.append(_bad(path, f"expected a mapping of {what}, got {_show(raw)}"))
-        return None
-    before = len(problems)
-    names = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in names:
-            problems.append(_unknown(path, str(key), names, group))
-    hints = _hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        p = f"{path}.{f.name}" if path else f.name
-        tp = hints[f.name]
-        if _is_group(tp):
-            sub = _build(tp, raw.get(f.name), p, problems)
-            if sub is not None:
-                kwargs[f.name] = sub
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _problems(err: ValidationError) -> list[_Problem]:
+    """Each of pydantic's errors as one problem naming the key path; a value that fails every member of
+    a union is one problem, not one per member."""
+    out: list[_Problem] = []
+    seen: set[str] = set()
+    for e in err.errors(include_url=False):
+        kind, loc, value = e["type"], e["loc"], e.get("input")
+        if kind == "glmtune_rules":
+            out += [_Problem(path, msg) for path, msg in e["ctx"]["problems"]]
             continue
-        if f.name not in raw:
-            if _required(f):
-                problems.append(_Problem(p, f"missing required key {p} ({f.metadata['help']})"))
+        if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):  # invalid: not a string
+            group = str(loc[0]) if len(loc) > 1 else None
+            valid = list(_fields(GROUPS[group])) if group in GROUPS else list(GROUPS)
+            out.append(_unknown(group or "", str(loc[-1]), valid, group))
             continue
-        try:
-            kwargs[f.name] = _convert_field(f, tp, raw[f.name], p)
-        except _Problem as err:
-            problems.append(err)
-    if len(problems) > before:
-        return None
-    return cls(**kwargs)
+        path, tp, info = _locate(loc)
+        if path in seen:
+            continue
+        seen.add(path)
+        if kind == "missing":
+            out.append(_Problem(path, f"missing required key {path} ({info.description})"))
+        elif _is_group(_unwrap(tp)):
+            what = f"the keys of {path}" if path else "groups (model, data, method, train, eval)"
+            out.append(_Problem(path, f"{path}: expected a mapping of {what}, got {_show(value)}"))
+        elif kind == "glmtune":
+            out.append(_Problem(path, f"{path}: {e['ctx']['msg']}"))
+        elif kind in _RANGE_ERRORS:
+            out.append(_Problem(path, f"{path}: {_bounds(info)}, got {_show(value)}"))
+        elif kind == "too_short":
+            out.append(
+                _Problem(path, f"{path}: must not be empty (leave it out or set null for the default)")
+            )
+        else:  # the value is not of the field's type
+            msg = f"{path}: expected {_type_name(tp)}, got {_show(value)}"
+            close = difflib.get_close_matches(value, _choices(tp), n=1) if isinstance(value, str) else []
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            out.append(_Problem(path, msg))
+    # In the documented order of the groups (pydantic lists a group's unknown keys after its fields).
+    order = {name: i for i, name in enumerate(GROUPS)}
+    return sorted(out, key=lambda p: order.get(p.path.split(".")[0].split("[")[0], -1))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Cross-field rules
-
-
-def _validate(cfg: RunConfig) -> list[_Problem]:
-    problems: list[_Problem] = []
-    # Types and ranges of values set from Python (load_config has checked its own already).
-    checked = _build(RunConfig, to_dict(cfg), "", problems)
-    if problems:
-        return problems
-    for name in GROUPS:  # aliases normalised in place
-        setattr(cfg, name, getattr(checked, name))
-
-    d, m, t = cfg.data, cfg.method, cfg.train
-    pair = (d.max_source_length, d.max_target_length)
-    if d.max_length is not None and any(x is not None for x in pair):
-        problems.append(
-            _Problem(
-                "data.max_length",
-                "data.max_length and data.max_source_length/max_target_length are both set: use either "
-                "max_length (prompt and reply share it) or the source/target pair",
-            )
-        )
-    elif d.max_length is None and None in pair:
-        if pair == (None, None):
-            msg = "no length limit: set data.max_length, or both data.max_source_length and data.max_target_length"
-        else:
-            missing = "data.max_target_length" if d.max_target_length is None else "data.max_source_length"
-            msg = f"{missing} is missing: data.max_source_length and data.max_target_length go together"
-        problems.append(_Problem("data.max_length", msg))
-    if d.eval_file is not None and d.eval_ratio > 0:
-        problems.append(
-            _Problem(
-                "data.eval_ratio",
-                "data.eval_ratio splits eval data off train_file, but data.eval_file is set: use one",
-            )
-        )
-    if m.name == "full" and cfg.model.quantization != "none":
-        problems.append(
-            _Problem(
-                "model.quantization",
-                f"model.quantization {cfg.model.quantization} with method.name full: quantized weights cannot be "
-                "trained; use lora (QLoRA) or ptuning_v2, or quantization none",
-            )
-        )
-    if m.name == "full" and cfg.model.adapter is not None:
-        problems.append(
-            _Problem(
-                "model.adapter",
-                "model.adapter (continue a LoRA or P-Tuning run) does not apply to method.name full",
-            )
-        )
-    if m.freeze_layers_except_last is not None and m.name != "full":
-        problems.append(
-            _Problem(
-                "method.freeze_layers_except_last",
-                f"method.freeze_layers_except_last is for method.name full, not {m.name}",
-            )
-        )
-    if t.warmup_steps > 0 and t.warmup_ratio > 0:
-        problems.append(
-            _Problem("train.warmup_steps", "train.warmup_steps and train.warmup_ratio are both set: use one")
-        )
-    if cfg.eval.best_metric != "eval_loss" and not cfg.eval.predict_with_generate:
-        problems.append(
-            _Problem(
-                "eval.best_metric",
-                f"eval.best_metric {cfg.eval.best_metric} is a generation metric, logged only with "
-                "eval.predict_with_generate true: set it, or use eval_loss (the only choice without it)",
-            )
-        )
-    # method.name ptuning_v2 with model.quantization 8bit/4bit is allowed (the official 8-bit P-Tuning).
-    return problems
+def _validated(raw: Mapping[str, Any], source: str | None, origins: Mapping[str, str]) -> RunConfig:
+    """pydantic's validation of ``raw``; its errors as one :class:`ConfigError`."""
+    try:
+        return _RUN_CONFIG.validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_problems(_problems(err), source, origins)) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1025,7 +1048,7 @@ def _format_problems(problems: list[_Problem], source: str | None, origins: Mapp
                 text
                 for key, text in origins.items()
                 if problem.path == key
-                or problem.path.startswith(key + ".")
+                or problem.path.startswith((key + ".", key + "["))
                 or key.startswith(problem.path + ".")
             ),
             None,
@@ -1115,13 +1138,7 @@ def load_config(
     if source is not None:
         path = Path(source)
         raw = _beside_config(raw, path if path.is_dir() else path.parent, origins)
-    problems: list[_Problem] = []
-    cfg = _build(RunConfig, raw, "", problems)
-    if cfg is not None:
-        problems = _validate(cfg)
-    if problems:
-        raise ConfigError(_format_problems(problems, source, origins))
-    return cfg
+    return _validated(raw, source, origins)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -1148,11 +1165,10 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
 # Documentation
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if _required(f):
+def _default_text(info: Any) -> str:
+    if info.is_required():
         return "required"
-    value = f.default_factory() if f.default is MISSING else f.default
-    return "default: " + _yaml_value(value)
+    return "default: " + _yaml_value(info.get_default(call_default_factory=True))
 
 
 def config_help() -> str:
@@ -1168,11 +1184,10 @@ def config_help() -> str:
     ]
     for group, cls in GROUPS.items():
         lines += ["", f"{group}: {(cls.__doc__ or '').strip()}"]
-        hints = _hints(cls)
-        for f in fields(cls):
-            lines.append(f"  {group}.{f.name} ({_type_name(hints[f.name])}; {_default_text(f)})")
+        for name, info in _fields(cls).items():
+            lines.append(f"  {group}.{name} ({_type_name(info.annotation)}; {_default_text(info)})")
             lines += textwrap.wrap(
-                f.metadata["help"], width=100, initial_indent="      ", subsequent_indent="      "
+                info.description, width=100, initial_indent="      ", subsequent_indent="      "
             )
     return "\n".join(lines) + "\n"
 
@@ -1201,14 +1216,16 @@ def render_example_config(cfg_dict: Mapping[str, Any], title: str) -> str:
         if group not in GROUPS:
             problems.append(_unknown("", str(group), list(GROUPS), None))
         elif not isinstance(values, Mapping):
-            problems.append(_bad(group, f"expected a mapping of the keys of {group}, got {_show(values)}"))
+            problems.append(
+                _Problem(group, f"{group}: expected a mapping of the keys of {group}, got {_show(values)}")
+            )
         else:
-            names = [f.name for f in fields(GROUPS[group])]
+            names = list(_fields(GROUPS[group]))
             problems += [_unknown(group, str(k), names, group) for k in values if k not in names]
     if problems:
         raise ConfigError(_format_problems(problems, "example config", {}))
     lines = [f"# {line}" if line else "#" for line in title.strip().splitlines()]
-    run_help = {f.name: f.metadata["help"] for f in fields(RunConfig)}
+    run_help = {name: info.description for name, info in _fields(RunConfig).items()}
     for group, cls in GROUPS.items():
         values = cfg_dict.get(group)
         if not values:
@@ -1216,8 +1233,8 @@ def render_example_config(cfg_dict: Mapping[str, Any], title: str) -> str:
         lines.append("")
         lines += _comment(run_help[group], "")
         lines.append(f"{group}:")
-        for f in fields(cls):
-            if f.name in values:
-                lines += _comment(f.metadata["help"], "  ")
-                lines.append(f"  {f.name}: {_yaml_value(values[f.name])}")
+        for name, info in _fields(cls).items():
+            if name in values:
+                lines += _comment(info.description, "  ")
+                lines.append(f"  {name}: {_yaml_value(values[name])}")
     return "\n".join(lines) + "\n"

@@ -79,7 +79,7 @@ _DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
 _REQUIRED_COLUMNS = frozenset(
     {"context", "target", "instruction", "output", "prompt", "response", "conversations", "messages"}
 )
-_KNOWN_COLUMNS = tuple(dict.fromkeys(k for cols in _DEFAULT_COLUMNS.values() for k in cols))
+KNOWN_COLUMNS = tuple(dict.fromkeys(k for cols in _DEFAULT_COLUMNS.values() for k in cols))
 
 
 @dataclass(frozen=True)
@@ -673,8 +673,8 @@ def _parse_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | 
     for key, value in columns.items():
         # ChatGLM2's P-Tuning scripts call them prompt_column / response_column / history_column.
         name = key[: -len("_column")] if isinstance(key, str) and key.endswith("_column") else key
-        if name not in _KNOWN_COLUMNS:
-            raise DataError(f"unknown column {show_value(key)}; known: {', '.join(_KNOWN_COLUMNS)}")
+        if name not in KNOWN_COLUMNS:
+            raise DataError(f"unknown column {show_value(key)}; known: {', '.join(KNOWN_COLUMNS)}")
         if value is None and name in _REQUIRED_COLUMNS:
             raise DataError(f"column {show_value(key)} is required and cannot be switched off")
         if value is not None and (not isinstance(value, str) or not value):
