@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from .errors import ConfigError, GlmtuneError, ModelLoadError
 from .loading import load_model, load_tokenizer
@@ -22,10 +23,16 @@ __version__ = "0.1.0"
 
 
 def get_template(path_or_name: str | os.PathLike | ResolvedModel) -> Template:
-    """The chat template of a model folder, a resolved model, or a registry name (chatglm, chatglm2,
-    chatglm3, glm4, hf)."""
+    """The chat template of a model folder, a resolved model (its ``template``: a prompt template from
+    YAML when it has one), or a registry name (chatglm, chatglm2, chatglm3, glm4, hf). A folder holding
+    ``glmtune_template.yaml`` (an export of a run trained with a prompt template) gives that template."""
+    from .user_templates import TEMPLATE_FILENAME, load_template
+
     if isinstance(path_or_name, ResolvedModel):
-        return path_or_name.spec.template
+        return path_or_name.template
+    saved = Path(path_or_name) / TEMPLATE_FILENAME
+    if saved.is_file():
+        return load_template(saved)
     return spec_for(path_or_name).template
 
 

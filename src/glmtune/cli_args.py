@@ -66,12 +66,37 @@ def add_generation_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def template_ref(value: str) -> str:
+    """A prompt template: a YAML file, or the name of a shipped one (alpaca, chatml, vicuna, ...); the file's
+    contents are checked when the command resolves its model (errors name the file and key)."""
+    from .user_templates import shipped_templates
+
+    if Path(value).is_file() or value in shipped_templates():
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: no such template file, and not a shipped template ({', '.join(shipped_templates())})"
+    )
+
+
+def add_template_arg(p: argparse.ArgumentParser) -> None:
+    """--template NAME|FILE: a prompt template instead of the model generation's own."""
+    p.add_argument(
+        "--template",
+        type=template_ref,
+        metavar="NAME|FILE",
+        help="prompt template: a YAML file or a shipped name (alpaca, chatml, vicuna) instead of the model's "
+        "own chat format (default: a run's template, else the model's)",
+    )
+
+
 def add_loading_args(p: argparse.ArgumentParser) -> None:
-    """--generation, --dtype, --device, --quantize and --trust-remote-code: how a command loads its model.
+    """--generation, --template, --dtype, --device, --quantize and --trust-remote-code: how a command loads
+    its model.
 
     Unset, they follow the machine (CUDA when present; bf16/fp16 on a GPU, float32 on the CPU), or for a
     run folder the run's own settings."""
     add_generation_arg(p)
+    add_template_arg(p)
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -99,4 +124,5 @@ def loading_kwargs(args: argparse.Namespace) -> dict:
         "device": args.device,
         "quantization": args.quantize,
         "trust_remote_code": args.trust_remote_code,
+        "template": args.template,
     }

@@ -265,7 +265,7 @@ def resolve_target(
 
     A run's adapter is its ``final/`` folder (a full fine-tune's ``final/`` is the model); its
     ``model.generation``, ``dtype`` and ``quantization`` apply unless given (:meth:`glmtune.runs.Run.model`).
-    ``loading``: ``dtype``, ``device``, ``quantization``, ``trust_remote_code``.
+    ``loading``: ``dtype``, ``device``, ``quantization``, ``trust_remote_code``, ``template``.
     """
     return resolve_model_or_run(target, generation=generation, adapter=adapter, **loading)
 
@@ -287,13 +287,20 @@ def run_eval(
     device: str | None = None,
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    template=None,
     printer=print,
 ) -> dict:
     """``glmtune eval``: reports (JSON, Markdown) and predictions for a model, optionally vs its base."""
     from .data import read_examples
 
     settings = settings or GenerationSettings()
-    loading = dict(dtype=dtype, device=device, quantization=quantization, trust_remote_code=trust_remote_code)
+    loading = dict(
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        trust_remote_code=trust_remote_code,
+        template=template,  # None: a run's own prompt template, else the model's
+    )
     what = resolve_target(target, adapter, generation, **loading)
     examples = read_examples(data, fmt=fmt).examples
     if num_samples:

@@ -29,6 +29,12 @@ Formats:
   class: ``glmtune.load_tokenizer(out)`` uses it whenever it is there (the ChatGLM3 template needs the
   sentencepiece class); plain transformers and vLLM read the ``tokenizer.json``.
   ChatGLM-6B (v1) has no transformers class: it is always written in the official layout (a warning says so).
+- A run trained with a prompt template from YAML (``model.template``; ``template=`` / ``--template`` for
+  any source) exports it: the YAML as ``glmtune_template.yaml`` beside the weights (glmtune uses it for
+  the folder), its stop tokens in ``generation_config.json``, and in the ``"hf"`` layout the same layout as
+  a Jinja ``chat_template`` in ``tokenizer_config.json``, written after the exported tokenizer, loaded as
+  transformers loads it, reproduced the template's prompt and training ids on sample chats (otherwise
+  the folder has no chat template and a warning says so).
 - ``"official"``: the original ChatGLM layout of the generation (``save_official``): official weight names
   and ``config.json``, the official tokenizer files, for the ChatGLM family only. ``glmtune_generation`` is
   added to ``config.json`` (the official code ignores it) so detection never has to guess.
@@ -101,6 +107,7 @@ class ExportSource:
     quantization: str = "none"  # model.quantization of the run that trained the adapter
     trust_remote_code: bool = False
     run_config: Path | None = None
+    template: Path | str | None = None  # the run's prompt template (glmtune.runs.Run.template)
 
 
 def resolve_source(
@@ -161,6 +168,7 @@ def resolve_source(
         quantization=cfg.model.quantization if cfg is not None else "none",
         trust_remote_code=bool(cfg.model.trust_remote_code) if cfg is not None else False,
         run_config=run.config_file if run is not None else None,
+        template=run.template if run is not None else None,
     )
 
 
@@ -246,8 +254,11 @@ def _update_json(path: Path, **values) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _generation_config(model, tokenizer, spec: ModelSpec) -> dict:
-    stops = [int(i) for i in spec.stop_token_ids(tokenizer)]
+def _generation_config(model, tokenizer, spec: ModelSpec, template=None) -> dict:
+    template = template if template is not None else spec.template
+    stops = [
+        int(i) for i in dict.fromkeys(spec.stop_token_ids(tokenizer) + template.stop_token_ids(tokenizer))
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     out = {"eos_token_id": stops if len(stops) != 1 else stops[0], "pad_token_id": pad}
     bos = getattr(model.config, "bos_token_id", None)
@@ -507,7 +518,68 @@ def _save_tokenizer(tokenizer, spec: ModelSpec, out_dir: Path, fmt: str) -> None
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _write_hf(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size) -> None:
+def _user_template_matches(fast, tokenizer, template) -> bool:
+    """Whether ``fast.apply_chat_template`` gives ``template``'s prompt ids (generation prompt) and
+    training ids (a whole conversation) for glmtune's ``tokenizer`` on the sample chats."""
+    chats = [list(c) for c in SELF_CHECK_CHATS if not any(m.get("tools") for m in c)]
+    chats.append([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello! 我很好。"}])
+    if template.supports_observation:
+        chats.append([{"role": "user", "content": "天气？"}, {"role": "observation", "content": '{"t": 20}'}])
+    for chat in chats:
+        try:
+            want = template.encode_prompt(tokenizer, chat)
+            got = fast.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+            if list(got) != list(want):
+                return False
+            if chat[-1]["role"] == "assistant":
+                want = template.encode_example(tokenizer, chat).input_ids
+                got = fast.apply_chat_template(
+                    chat, tokenize=True, add_generation_prompt=False, return_dict=False
+                )
+                if list(got) != list(want):
+                    return False
+        except Exception as e:  # a template or tokenizer error is a mismatch: the folder ships no template
+            log.debug("chat template check failed: %s", e)
+            return False
+    return True
+
+
+def _write_user_template(template, tokenizer, out: Path, fmt: str) -> None:
+    """A prompt template from YAML: ``glmtune_template.yaml`` beside the weights and, in the hf layout, the
+    Jinja ``chat_template`` of ``tokenizer_config.json`` when it reproduces the template's ids."""
+    from transformers import AutoTokenizer
+
+    from .user_templates import UserTemplate
+
+    if not isinstance(template, UserTemplate):
+        return
+    template.save(out)
+    if fmt != "hf":
+        return
+    cfg_path = out / "tokenizer_config.json"
+    # transformers 5 reads chat_template.jinja before the config's key: the template lives in one place.
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+    _update_json(cfg_path, chat_template=template.to_jinja(tokenizer))
+    try:
+        fast = AutoTokenizer.from_pretrained(str(out))
+        ok = _user_template_matches(fast, tokenizer, template)
+    except Exception as e:  # noqa: BLE001 - a tokenizer transformers cannot load alone gets no template
+        log.debug("the exported tokenizer does not load with transformers: %s", e)
+        ok = False
+    if not ok:
+        cfg = read_json(cfg_path)
+        cfg.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        log.warning(
+            "the %s prompt template, as a Jinja chat template, does not reproduce glmtune's ids with the "
+            "exported tokenizer; tokenizer_config.json gets no chat_template (glmtune uses %s)",
+            template.name,
+            out.name + "/glmtune_template.yaml",
+        )
+
+
+def _write_hf(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size, template=None) -> None:
     from transformers import GenerationConfig
 
     setattr(model.config, GLMTUNE_GENERATION_KEY, spec.name)
@@ -516,7 +588,7 @@ def _write_hf(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size) -> N
             delattr(model.config, key)
     if getattr(model, "generation_config", None) is None:
         model.generation_config = GenerationConfig()
-    for key, value in _generation_config(model, tokenizer, spec).items():
+    for key, value in _generation_config(model, tokenizer, spec, template).items():
         setattr(model.generation_config, key, value)
     # Not "derived from config.json": transformers would otherwise rebuild it from the config at generate()
     # time and lose the stop-token list.
@@ -532,16 +604,18 @@ def _write_hf(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size) -> N
         if extra:
             _update_json(cfg_path, **extra)
     _save_tokenizer(tokenizer, spec, out, "hf")
+    _write_user_template(template, tokenizer, out, "hf")
 
 
-def _write_official(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size) -> None:
+def _write_official(model, tokenizer, spec: ModelSpec, out: Path, max_shard_size, template=None) -> None:
     from .official_format import save_official
 
     save_official(model, out, spec.name, max_shard_bytes=parse_size(max_shard_size))
     _update_json(out / "config.json", **{GLMTUNE_GENERATION_KEY: spec.name})
     _save_tokenizer(tokenizer, spec, out, "official")
+    _write_user_template(template, tokenizer, out, "official")
     (out / "generation_config.json").write_text(
-        json.dumps(_generation_config(model, tokenizer, spec), indent=2) + "\n", encoding="utf-8"
+        json.dumps(_generation_config(model, tokenizer, spec, template), indent=2) + "\n", encoding="utf-8"
     )
 
 
@@ -569,6 +643,7 @@ def export(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     generation: str | None = None,
+    template=None,
     printer=None,
 ) -> Path:
     """Export ``source`` (run, adapter or model folder) to ``out_dir``; returns ``out_dir``.
@@ -578,7 +653,8 @@ def export(
     ``adapter_config.json``'s local ``base_model_name_or_path``). ``dtype``: float32 / bfloat16 / float16
     of the written weights (default: the base checkpoint's dtype); the LoRA update is merged in that dtype.
     ``overwrite``: replace an existing non-empty ``out_dir``. ``generation``: the model generation
-    (default: the run's ``model.generation``, else detected). ``printer``: where each stage's start and
+    (default: the run's ``model.generation``, else detected). ``template``: a prompt template (shipped name
+    or YAML file; default: the run's, else the model folder's ``glmtune_template.yaml``). ``printer``: where each stage's start and
     time go (``glmtune export`` prints them on stderr; default: the module logger at INFO). See the module
     docstring for details.
     """
@@ -598,7 +674,12 @@ def export(
     model_path = src.weights if src.kind == "model" else src.base
     assert model_path is not None
     # Resolved once: the generation (override, run config or detection) goes to the loader and tokenizer.
-    resolved = resolve_model(model_path, generation=src.generation, trust_remote_code=src.trust_remote_code)
+    resolved = resolve_model(
+        model_path,
+        generation=src.generation,
+        trust_remote_code=src.trust_remote_code,
+        template=template if template is not None else src.template,
+    )
     spec = resolved.spec
     _check_out_dir(out_dir, [Path(source), src.weights, src.base], overwrite)
     parse_size(max_shard_size)  # a bad size fails before any weight is read
@@ -675,9 +756,9 @@ def export(
     stage(f"writing the {fmt} layout to {out_dir} (shards up to {max_shard_size})")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if fmt == "hf":
-            _write_hf(model, tokenizer, spec, tmp, max_shard_size)
+            _write_hf(model, tokenizer, spec, tmp, max_shard_size, resolved.template)
         else:
-            _write_official(model, tokenizer, spec, tmp, max_shard_size)
+            _write_official(model, tokenizer, spec, tmp, max_shard_size, resolved.template)
             if src.kind == "ptuning":
                 dest = tmp / PTUNING_DIR
                 dest.mkdir()

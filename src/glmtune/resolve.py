@@ -21,6 +21,8 @@ import torch
 
 from .errors import GlmtuneError, ModelLoadError
 from .specs import REGISTRY, ModelSpec, detect_generation, find_gguf, get_spec, read_json
+from .templates import Template
+from .user_templates import TEMPLATE_FILENAME, load_template
 
 QUANTIZATIONS = ("int8-cpu", "int8-dynamic", "8bit", "4bit")
 
@@ -45,10 +47,18 @@ class ResolvedModel:
     # None, or one of QUANTIZATIONS (glmtune.quantize).
     quantization: str | None = None
     trust_remote_code: bool = False
+    # A prompt template chosen by the user (glmtune.user_templates; model.template / --template), or None:
+    # the generation's own. Read it through ``template``.
+    user_template: Template | None = None
 
     @property
     def generation(self) -> str:
         return self.spec.name
+
+    @property
+    def template(self) -> Template:
+        """The chat template every consumer uses: the user's, else the generation's (``spec.template``)."""
+        return self.user_template if self.user_template is not None else self.spec.template
 
     def replace(self, **changes) -> ResolvedModel:
         """A copy with some fields changed (e.g. ``adapter=`` for the tuned model beside the base)."""
@@ -68,6 +78,7 @@ class ResolvedModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device,
             "quantization": self.quantization,
+            "template": self.template.name,
         }
 
 
@@ -226,8 +237,13 @@ def resolve_model(
     device: str | torch.device | None = "auto",
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    template: str | os.PathLike | Template | None = None,
 ) -> ResolvedModel:
     """Resolve a model once. ``generation`` (a registry name) overrides detection from the files.
+
+    ``template``: a prompt template (a shipped name such as ``alpaca``, a YAML file, or a Template;
+    :mod:`glmtune.user_templates`) instead of the generation's own; None takes the model folder's
+    ``glmtune_template.yaml`` when it has one (an export or full fine-tune of a run trained with one).
 
     ``source``: a folder, a .gguf file, "default", or a hub id (``org/name[@revision]``). ``device="auto"``
     picks CUDA when present; ``dtype="auto"`` bf16/fp16 on a GPU, float32 on the CPU (None means "auto" too). A ``ResolvedModel``
@@ -253,6 +269,8 @@ def resolve_model(
         spec = get_spec(generation) if generation else get_spec(detect_generation(path))
     except (TypeError, ValueError, OverflowError) as e:  # a config.json field of the wrong type
         raise ModelLoadError(f"{path / 'config.json'}: cannot tell the model generation: {e}") from None
+    if template is None and path.is_dir() and (path / TEMPLATE_FILENAME).is_file():
+        template = path / TEMPLATE_FILENAME
     return ResolvedModel(
         source=str(source),
         path=path,
@@ -265,4 +283,5 @@ def resolve_model(
         device=str(device),
         quantization=quantization,
         trust_remote_code=trust_remote_code,
+        user_template=load_template(template),
     )

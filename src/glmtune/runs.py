@@ -12,7 +12,8 @@
 generation, ``final/``, ``best/``, the checkpoints, which checkpoint ``train.resume`` names, and the
 model the run produced as a :class:`~glmtune.resolve.ResolvedModel` (the base with ``final/`` as the
 adapter, or ``final/`` itself for a full fine-tune, with the run's ``model.generation`` and
-``model.trust_remote_code``). A folder that holds its own weights beside a ``glmtune_config.yaml`` (a
+``model.trust_remote_code``, and its prompt template: the run's copy ``glmtune_template.yaml``, else the
+config's ``model.template``). A folder that holds its own weights beside a ``glmtune_config.yaml`` (a
 ``checkpoint-<step>/``, ``best/`` or ``final/`` folder) opens as a run whose weights are that folder.
 
 :func:`resolve_model_or_run` is ``resolve_model`` for a command's model argument: a run folder or run
@@ -33,6 +34,8 @@ import torch
 from .config import CONFIG_FILENAME, RunConfig, load_config
 from .errors import ConfigError
 from .resolve import ResolvedModel, is_hub_id, resolve_model, resolve_model_path
+from .templates import Template
+from .user_templates import TEMPLATE_FILENAME
 
 __all__ = ["CHECKPOINT_PATTERN", "CONFIG_FILENAME", "Run", "resolve_model_or_run"]
 
@@ -98,6 +101,16 @@ class Run:
     def generation(self) -> str | None:
         """The run's ``model.generation`` (None: detected from the base model's files)."""
         return self.config.model.generation
+
+    @property
+    def template(self) -> Path | str | None:
+        """The prompt template the run trained with: the copy the recipe saved in the run folder
+        (``glmtune_template.yaml``; in a checkpoint folder opened as a run, the copy beside it or in the
+        run folder above), else the config's ``model.template``; None: the generation's own."""
+        for folder in (self.dir, self.dir.parent) if _holds_weights(self.dir) else (self.dir,):
+            if (folder / TEMPLATE_FILENAME).is_file():
+                return folder / TEMPLATE_FILENAME
+        return getattr(self.config.model, "template", None)
 
     @property
     def final(self) -> Path | None:
@@ -170,16 +183,18 @@ class Run:
         device: str | torch.device | None = None,
         quantization: str | None = None,
         trust_remote_code: bool = False,
+        template: str | os.PathLike | Template | None = None,
     ) -> ResolvedModel:
         """The base model the run trained (``model.path``), with the run's generation (``generation``
-        overrides it) and ``trust_remote_code`` (or the argument's)."""
+        overrides it), prompt template (``template`` overrides it) and ``trust_remote_code`` (or the
+        argument's)."""
         return resolve_model(
             self.config.model.path,
-            **self._settings(generation, dtype, device, quantization, trust_remote_code),
+            **self._settings(generation, dtype, device, quantization, trust_remote_code, template),
         )
 
-    def _settings(self, generation, dtype, device, quantization, trust_remote_code) -> dict:
-        """The run's own generation, dtype and quantization unless the caller names others."""
+    def _settings(self, generation, dtype, device, quantization, trust_remote_code, template=None) -> dict:
+        """The run's own generation, dtype, quantization and template unless the caller names others."""
         m = self.config.model
         return dict(
             generation=generation or self.generation,
@@ -187,6 +202,7 @@ class Run:
             device=device,
             quantization=quantization if quantization is not None else m.quantization,
             trust_remote_code=trust_remote_code or m.trust_remote_code,
+            template=template if template is not None else self.template,
         )
 
     def model(
@@ -198,14 +214,15 @@ class Run:
         device: str | torch.device | None = None,
         quantization: str | None = None,
         trust_remote_code: bool = False,
+        template: str | os.PathLike | Template | None = None,
     ) -> ResolvedModel:
         """What the run produced: the base with :attr:`weights` as its adapter (LoRA, P-Tuning v2), or
         :attr:`weights` as the model (full fine-tune). ``adapter`` replaces the run's adapter (for a full
         fine-tune it goes on top of the model); ``generation`` overrides the run's ``model.generation``.
-        The run's ``model.dtype`` and ``model.quantization`` apply unless ``dtype`` / ``quantization`` say
-        otherwise; ``device`` None = CUDA when present."""
+        The run's ``model.dtype``, ``model.quantization`` and prompt template (:attr:`template`) apply
+        unless ``dtype`` / ``quantization`` / ``template`` say otherwise; ``device`` None = CUDA when present."""
         weights = self.weights
-        settings = self._settings(generation, dtype, device, quantization, trust_remote_code)
+        settings = self._settings(generation, dtype, device, quantization, trust_remote_code, template)
         if self.method == "full":
             if weights is None:
                 raise ConfigError(f"{self.dir}: {self._no_weights('the fully fine-tuned model')}")
@@ -231,10 +248,11 @@ def resolve_model_or_run(
     device: str | torch.device | None = None,
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    template: str | os.PathLike | Template | None = None,
 ) -> ResolvedModel:
     """``resolve_model`` for a command's model argument: a run folder or run config YAML resolves to
-    what the run produced (:meth:`Run.model`); a model folder, a .gguf file or "default" as
-    ``resolve_model`` resolves them."""
+    what the run produced (:meth:`Run.model`, with the run's prompt template unless ``template`` names
+    one); a model folder, a .gguf file or "default" as ``resolve_model`` resolves them."""
     settings = dict(
         generation=generation,
         adapter=adapter,
@@ -242,6 +260,7 @@ def resolve_model_or_run(
         device=device,
         quantization=quantization,
         trust_remote_code=trust_remote_code,
+        template=template,
     )
     if isinstance(source, ResolvedModel):
         return source

@@ -113,6 +113,18 @@ class Template:
     reply_has_metadata_line = False
     # System text put in front of the tools when a request brings tools and no system message.
     tools_system_prompt = ""
+    # Text that ends a generated reply (cut off); the generation templates end replies with tokens only.
+    stop_strings: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the layout in the tokenized-data cache key (a file-defined one hashes its
+        contents)."""
+        return self.name
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Ids that end a reply besides the model spec's (``ModelSpec.stop_token_ids``)."""
+        return []
 
     def encode_prompt(self, tokenizer, messages: list[dict]) -> list[int]:
         raise NotImplementedError

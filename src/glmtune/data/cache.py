@@ -7,7 +7,8 @@ Arrow files memory-mapped instead. The key covers everything the token ids depen
 - the tokenizer: the sha256 of each tokenizer file in the model folder, the tokenizer class named in
   ``tokenizer_config.json``, the model generation glmtune detects (which picks glmtune's own ChatGLM
   tokenizer or a transformers one), and the versions of glmtune and the tokenizer libraries;
-- the template name, the :class:`EncodeSettings` and :data:`ENCODING_VERSION`.
+- the template: a generation's by name, a YAML one (``model.template``) by the sha256 of its contents;
+  the :class:`EncodeSettings` and :data:`ENCODING_VERSION`.
 
 The tokenizer is identified from its files rather than by loading it, so a cache hit costs a few file
 hashes and a memory map, not a tokenizer load. Entries are written to a temporary folder beside the
@@ -128,7 +129,7 @@ def cache_key(
         "skip_invalid": bool(skip_invalid),
         "tokenizer": _tokenizer_identity(model.gguf or model.path, spec.name),
         "libraries": {name: _version(name) for name in _LIBRARIES},
-        "template": spec.template.name,
+        "template": model.template.fingerprint,
         "settings": settings.as_dict(),
     }
     blob = json.dumps(described, sort_keys=True, ensure_ascii=True).encode()
@@ -162,7 +163,7 @@ def _build(path, model: ResolvedModel, settings, fmt, columns, skip_invalid):
     read = read_examples(path, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
     tokenizer = load_tokenizer(model)
     encoded, stats = encode_all(
-        tokenizer, model.spec.template, read.examples, settings, skip_invalid=skip_invalid, progress=True
+        tokenizer, model.template, read.examples, settings, skip_invalid=skip_invalid, progress=True
     )
     # Rows the reader skipped are invalid rows too; the stats list both.
     stats.invalid = list(read.skipped) + stats.invalid
@@ -214,7 +215,8 @@ def tokenize_cached(
 ):
     """Tokenize a data file for ``model``'s tokenizer and template, through an on-disk cache.
 
-    ``model`` is a :class:`~glmtune.resolve.ResolvedModel` (its generation picks tokenizer and template),
+    ``model`` is a :class:`~glmtune.resolve.ResolvedModel` (its generation picks the tokenizer, its
+    ``template`` the layout),
     or a model folder / GGUF file resolved here by detection.
 
     Returns ``(dataset, info)``: a ``datasets.Dataset`` with columns ``input_ids`` and ``labels``
@@ -236,6 +238,12 @@ def tokenize_cached(
         stats = EncodeStats.from_dict(meta["stats"])
         return ds, CacheInfo(True, key, entry, stats, len(ds), meta["format"], time.perf_counter() - started)
     ds, stats, read_format = _build(path, model, settings, fmt, columns, skip_invalid)
+    if len(ds) == 0:
+        # An empty Arrow dataset does not load back (datasets raises IndexError): say why it is empty.
+        raise DataError(
+            f"{path}: no example left after tokenizing: {stats.examples} read, {stats.dropped} dropped "
+            f"(no reply token left within the length limits {settings.as_dict()}), {len(stats.invalid)} invalid"
+        )
     meta = {
         "key": key,
         "source": str(path),

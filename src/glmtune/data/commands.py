@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from glmtune.cli_args import add_generation_arg, model_path, positive_int
+from glmtune.cli_args import add_generation_arg, add_template_arg, model_path, positive_int
 from glmtune.errors import ConfigError
 
 __all__ = ["register"]
@@ -56,6 +56,7 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
         help="model folder or .gguf file ('default' = embedded SmolLM2): its tokenizer and chat template",
     )
     add_generation_arg(p)
+    add_template_arg(p)
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -107,17 +108,17 @@ def _read(args):
 
 
 def _resolved(args):
-    """The --model resolved once, with --generation when given."""
+    """The --model resolved once, with --generation and --template when given."""
     from glmtune.resolve import resolve_model
 
-    return resolve_model(args.model, generation=args.generation)
+    return resolve_model(args.model, generation=args.generation, template=args.template)
 
 
 def _tokenizer_and_template(args):
     from glmtune.loading import load_tokenizer
 
     model = _resolved(args)
-    return load_tokenizer(model), model.spec.template
+    return load_tokenizer(model), model.template
 
 
 def _describe_limits(settings) -> str:

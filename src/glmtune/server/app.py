@@ -627,9 +627,11 @@ def build_backend(
     max_queue: int = 64,
     generation: str | None = None,
     quantization: str | None = None,
+    template=None,
 ):
     """The serving backend. ``dtype``/``device``/``quantization`` None: a run's own settings, else the
-    machine's (CUDA when present, bf16/fp16 there, float32 on the CPU)."""
+    machine's (CUDA when present, bf16/fp16 there, float32 on the CPU). ``template``: a prompt template
+    (name or YAML file; None: a run's own, else the model's)."""
     from ..runs import Run, resolve_model_or_run
 
     if backend == "vllm":
@@ -641,6 +643,7 @@ def build_backend(
             what = run.model(generation=generation, adapter=adapter, trust_remote_code=trust_remote_code)
             model, adapter, generation = what.path, what.adapter, generation or run.generation
             trust_remote_code = what.trust_remote_code
+            template = template if template is not None else run.template
         if adapter is not None:
             from ..errors import ConfigError
 
@@ -655,6 +658,7 @@ def build_backend(
             generation=generation,
             max_batch_size=max_batch_size,
             max_queue=max_queue,
+            template=template,
         )
     from ..inference import Engine
     from .native import NativeBackend
@@ -668,6 +672,7 @@ def build_backend(
         quantization=quantization,
         trust_remote_code=trust_remote_code,
         generation=generation,
+        template=template,
     )
     engine = Engine.load(resolved)
     return NativeBackend(engine, max_batch_size=max_batch_size, max_queue=max_queue)
@@ -721,6 +726,7 @@ def serve(
     quantization: str | None = None,
     trust_remote_code: bool = False,
     generation: str | None = None,
+    template=None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
 ) -> None:
@@ -743,6 +749,7 @@ def serve(
         trust_remote_code=trust_remote_code,
         generation=generation,
         quantization=quantization,
+        template=template,
         max_batch_size=max_batch_size,
         max_queue=max_queue,
     )

@@ -229,6 +229,8 @@ class NativeBackend:
     def _rows(self, batch: list[Job]) -> list[Row]:
         rows = []
         for job in batch:
+            if job.chat and self.template.stop_strings:  # the template's stop strings end chat replies too
+                job.stop = list(dict.fromkeys([*job.stop, *self.template.stop_strings]))
             rows += make_rows(self.tokenizer, self.template, job, self._stop_ids)
         return rows
 

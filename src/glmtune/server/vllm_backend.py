@@ -42,6 +42,7 @@ class VLLMBackend:
         max_batch_size: int = 64,
         max_queue: int = 256,
         generation: str | None = None,
+        template=None,
     ):
         from ..loading import load_tokenizer
         from ..resolve import resolve_model
@@ -53,10 +54,17 @@ class VLLMBackend:
             raise ConfigError(
                 f"{model_dir}: --backend vllm needs a model folder (export one with glmtune export)"
             )
-        resolved = resolve_model(model_dir, generation=generation, trust_remote_code=trust_remote_code)
+        resolved = resolve_model(
+            model_dir, generation=generation, trust_remote_code=trust_remote_code, template=template
+        )
         self.tokenizer = load_tokenizer(resolved)
-        self.template = resolved.spec.template
-        self.stop_ids = resolved.spec.stop_token_ids(self.tokenizer)
+        # A prompt template (--template, the run's, the export's), else the spec's.
+        self.template = resolved.template
+        self.stop_ids = list(
+            dict.fromkeys(
+                resolved.spec.stop_token_ids(self.tokenizer) + self.template.stop_token_ids(self.tokenizer)
+            )
+        )
         self.context_length = _context_length(model_dir)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -115,6 +123,8 @@ class VLLMBackend:
             stop_token_ids=list(self.stop_ids),
             skip_special_tokens=True,
         )
+        if job.chat and self.template.stop_strings:  # the template's stop strings end chat replies too
+            job.stop = list(dict.fromkeys([*job.stop, *self.template.stop_strings]))
         rows = make_rows(self.tokenizer, self.template, job, set(self.stop_ids))
         seen = [0] * job.n
         complete = False  # vLLM finished the request itself (else it is aborted)

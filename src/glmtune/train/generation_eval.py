@@ -72,10 +72,12 @@ class GenerationEval:
         settings: GenerationSettings,
         batch_size: int = 8,
         seed: int = 0,
+        template=None,
     ):
         self.prompts, self.references = split_examples(examples)
         self.tokenizer = tokenizer
         self.spec = spec
+        self.template = template  # the run's prompt template (ResolvedModel.template); None: the spec's
         self.settings = settings
         self.batch_size = batch_size
         self.seed = seed
@@ -119,7 +121,7 @@ class GenerationEval:
             # Mixed precision: accelerate wrapped the model's forward in autocast when it prepared it.
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
-                engine = Engine(model, self.tokenizer, self.spec)
+                engine = Engine(model, self.tokenizer, self.spec, self.template)
                 texts = predict(engine, [self.prompts[i] for i in mine], self.settings, self.batch_size)
         finally:
             if use_cache is not None:
