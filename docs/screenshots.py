@@ -7,7 +7,8 @@ with Playwright (offline: the page loads only from the local server)::
     python docs/screenshots.py --model default --adapter runs/demo/final --run runs/demo
 
 The Label tab writes to a temporary copy of a few rows of src/glmtune/assets/demo/demo_train.jsonl, the
-feedback to a temporary file: the script changes nothing but the PNGs.
+feedback and the Train tab's workspace to temporary files: the script changes nothing but the PNGs
+(it starts no training run).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from glmtune.inference import GenerationSettings
     from glmtune.web import Backend, FeedbackLog, LabelStore
     from glmtune.web.app import build_app
+    from glmtune.web.jobs import TrainJobs
     from glmtune.web.testing import chromium_missing, launch_chromium, make_tiny_lora, serve_in_background
 
     missing = chromium_missing()
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             feedback=feedback,
             run_dir=args.run,
             settings=GenerationSettings(max_new_tokens=n_new),
+            jobs=TrainJobs(tmp / "workspace"),
         )
         args.out.mkdir(parents=True, exist_ok=True)
         wait = args.timeout * 1000
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             page.fill("#lb-row input", "2")
             _shot(page, args.out / "label.png")
 
-            # Train: the run's loss curve, summary and eval report.
+            # Train: the form filled from a config, and the run's loss curve, summary and eval report.
             page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#tr-model textarea, #tr-model input").first).not_to_have_value("")
             if args.run is not None:
                 expect(page.locator("#tr-summary")).to_contain_text("steps")
             _shot(page, args.out / "train.png")

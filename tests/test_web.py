@@ -471,4 +471,5 @@ def test_the_command_binds_loopback_by_default():
         Path("feedback.jsonl"),
     )
     assert args.func.__name__ == "cmd_web"
+    assert (args.workspace, args.stop_grace) == (Path("glmtune-web"), 120.0)  # runs the Train tab starts
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("0.0.0.0")

@@ -4,14 +4,19 @@
 * **Playground**: instruction + input (in the training prompt format) or free chat -> a streamed
   answer, its JSON parsed (or flagged invalid with the reason), generation settings, and ✓ / ✗
   feedback with a comment, appended to the feedback JSONL.
-* **Compare**: the same input through the base model and the fine-tuned one, side by side.
+* **Compare**: the same input through two models side by side: the base model, the model in use, or
+  an adapter a run of the Train tab produced.
 * **Label**: a form that validates rows as training reads them and appends them to the dataset; a
-  table of the saved rows with edit / delete by row number.
-* **Train**: a run folder's loss curve, ``train_summary.json`` and ``eval/report.md``.
+  table of the saved rows with edit / delete by row number; the ✗ answers of the feedback log, each
+  loaded into the form for correction with one click.
+* **Train** (:mod:`glmtune.web.train_tab`): start, watch (log, loss curve, evaluations), stop and
+  resume a ``glmtune train`` run; train again from the adapter in use on the corrected data; compare
+  or use the new adapter. Without a jobs workspace: a run folder's loss curve, summary and report.
 
 Everything is served from the local Gradio package (no CDN, no share link, no analytics), bound to
-127.0.0.1 unless told otherwise. File paths are fixed when the app is built: no request can make it
-read or write another file.
+127.0.0.1 unless told otherwise. The data, feedback and workspace paths are fixed when the app is
+built and no file is served; the Train tab reads the config, model and data files a user names (as
+``glmtune train`` would) and writes only under the workspace.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ import gradio as gr  # noqa: E402
 
 from glmtune.inference import GenerationSettings  # noqa: E402
 
-from .core import Backend, InputError, build_messages, json_view, make_settings, read_run  # noqa: E402
+from .core import BASE, CURRENT, Backend, InputError, build_messages, json_view, make_settings  # noqa: E402
+from .jobs import TrainJobs  # noqa: E402
 from .store import FeedbackError, FeedbackLog, LabelError, LabelStore  # noqa: E402
+from .train_tab import CompareControls, train_tab  # noqa: E402
 
 __all__ = ["build_app", "launch"]
 
 TABLE_HEADERS = ["#", "instruction", "input", "output"]
+BAD_HEADERS = ["#", "instruction", "input", "wrong answer", "comment", "corrected"]
 MODE_CHOICES = [("Instruction + input", "instruction"), ("Free chat", "chat")]
 FORMAT_CHOICES = [
     ("Instruction/Input/Answer (context_target)", "context_target"),
@@ -88,24 +96,25 @@ def build_app(
     run_dir: str | os.PathLike | None = None,
     settings: GenerationSettings | None = None,
     title: str = "glmtune web",
+    jobs: TrainJobs | None = None,
 ) -> gr.Blocks:
     """The Blocks app. ``store`` (the ``--data`` file) and ``feedback`` switch the Label tab and
-    the ✓ / ✗ buttons on; ``run_dir`` adds the Train tab's contents; ``settings`` are the initial
-    generation settings of the sliders."""
+    the ✓ / ✗ buttons on; ``jobs`` (a workspace) lets the Train tab start runs, ``run_dir`` shows a
+    run there until one is started; ``settings`` are the initial generation settings of the sliders."""
     settings = settings or GenerationSettings()
     default_fmt = store.current_format() if store is not None else "context_target"
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## glmtune web\nModel: `{backend.describe()}`", elem_classes="glmtune-note")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Playground", id="playground"):
                 _playground(backend, feedback, default_fmt, settings)
             with gr.Tab("Compare", id="compare"):
-                _compare(backend, default_fmt, settings)
-            with gr.Tab("Label", id="label"):
-                _label(demo, store)
+                compare = _compare(demo, tabs, backend, default_fmt, settings)
+            with gr.Tab("Label", id="label") as label_tab:
+                _label(demo, label_tab, store, feedback)
             with gr.Tab("Train", id="train"):
-                _train(demo, run_dir)
+                train_tab(demo, backend, jobs, store, feedback, run_dir, compare)
     return demo
 
 
@@ -249,10 +258,21 @@ def _build(mode, instruction, text, fmt, system, history):
 
 
 # --------------------------------------------------------------------------------------------- compare
-def _compare(backend: Backend, default_fmt: str, defaults: GenerationSettings) -> None:
-    gr.Markdown(backend.compare_note, elem_id="cmp-note")
+def _compare(
+    demo: gr.Blocks, tabs: gr.Tabs, backend: Backend, default_fmt: str, defaults: GenerationSettings
+) -> CompareControls:
+    note = gr.Markdown(backend.compare_note, elem_id="cmp-note")
+    options = backend.choices()
     with gr.Row():
         with gr.Column(scale=2):
+            with gr.Row():
+                left = gr.Dropdown(
+                    options,
+                    value=BASE if backend.can_compare else CURRENT,
+                    label="Left",
+                    elem_id="cmp-left",
+                )
+                right = gr.Dropdown(options, value=CURRENT, label="Right", elem_id="cmp-right")
             mode = gr.Radio(MODE_CHOICES, value="instruction", label="Mode", elem_id="cmp-mode")
             fmt = gr.Radio(FORMAT_CHOICES, value=default_fmt, label="Prompt format")
             instruction = gr.Textbox(label="Instruction", lines=2, elem_id="cmp-instruction")
@@ -272,22 +292,24 @@ def _compare(backend: Backend, default_fmt: str, defaults: GenerationSettings) -
 
     mode.change(_mode_fields, mode, [instruction, fmt, text], queue=False)
 
-    def compare(m, f, instr, txt, n, t, p):
+    def compare(lft, rgt, m, f, instr, txt, n, t, p):
         try:
             settings = make_settings(n, t, p)
             messages = backend.prepare(_build(m, instr, txt, f, "", None), settings)
-            if not backend.can_compare:
+            if lft == rgt:
+                raise InputError("left and right are the same model: choose two")
+            if BASE in (lft, rgt) and not backend.can_compare:
                 raise InputError(backend.compare_note)
         except InputError as e:
             yield "", f"⚠ {e}", "", ""
             return
         tuned = base = ""
         try:
-            for tuned in backend.answer(messages, settings):
+            for tuned in backend.answer(messages, settings, variant=rgt):
                 yield "", "", tuned, "generating…"
             tuned_msg = json_view(tuned).message
             yield "", "generating…", tuned, tuned_msg
-            for base in backend.answer(messages, settings, base=True):
+            for base in backend.answer(messages, settings, variant=lft):
                 yield base, "generating…", tuned, tuned_msg
         except Exception as e:
             yield base, f"⚠ generation failed: {e}", tuned, ""
@@ -296,19 +318,37 @@ def _compare(backend: Backend, default_fmt: str, defaults: GenerationSettings) -
 
     run.click(
         compare,
-        [mode, fmt, instruction, text, max_new, temperature, top_p],
+        [left, right, mode, fmt, instruction, text, max_new, temperature, top_p],
         [base_out, base_json, tuned_out, tuned_json],
         concurrency_id="generate",
         api_name="compare",
     )
 
+    def label_of(key):
+        return next((label for label, k in backend.choices() if k == key), key)
+
+    left.change(lambda k: gr.update(label=f"Left: {label_of(k)}"), left, base_out, queue=False)
+    right.change(lambda k: gr.update(label=f"Right: {label_of(k)}"), right, tuned_out, queue=False)
+
+    def refresh():
+        # Adapters another tab (or the Train tab) loaded since this page was built.
+        options = backend.choices()
+        keys = {k for _, k in options}
+        return gr.update(choices=options), gr.update(choices=options), gr.update(interactive=len(keys) > 1)
+
+    demo.load(refresh, None, [left, right, run], api_visibility="private")
+    return CompareControls(tabs=tabs, left=left, right=right, run=run, note=note)
+
 
 # ----------------------------------------------------------------------------------------------- label
-def _label(demo: gr.Blocks, store: LabelStore | None) -> None:
+def _label(
+    demo: gr.Blocks, label_tab: gr.Tab, store: LabelStore | None, feedback: FeedbackLog | None
+) -> None:
     if store is None:
         gr.Markdown("Labelling is off: start `glmtune web MODEL --data FILE.jsonl` to add rows to a dataset.")
         return
     loaded = gr.State(None)  # {"number", "fingerprint"} of the row loaded into the form
+    correcting = gr.State(None)  # the feedback row number of the ✗ answer loaded into the form
     gr.Markdown(
         f"Dataset: `{store.path}`. Rows are checked with the reader training uses before they are "
         "saved; every save rewrites the file atomically.",
@@ -339,6 +379,40 @@ def _label(demo: gr.Blocks, store: LabelStore | None) -> None:
                 column_widths=["8%", "34%", "29%", "29%"],
             )
             refresh = gr.Button("Refresh", elem_id="lb-refresh")
+    if feedback is not None:
+        gr.Markdown("#### Answers marked ✗ in the Playground")
+        bad_count = gr.Markdown("", elem_id="lb-bad-count")
+        bad_table = gr.Dataframe(
+            headers=BAD_HEADERS,
+            interactive=False,
+            wrap=True,
+            elem_id="lb-bad-table",
+            column_widths=["6%", "24%", "20%", "24%", "14%", "12%"],
+        )
+        with gr.Row():
+            bad_number = gr.Number(label="✗ row #", precision=0, minimum=1, elem_id="lb-bad-row")
+            correct = gr.Button("Correct this answer (load it into the form)", elem_id="lb-correct")
+
+    def bad_view():
+        import pandas as pd
+
+        try:
+            fmt = store.current_format()
+        except LabelError as e:
+            return gr.skip(), f"⚠ {e}", gr.skip()
+        answers = feedback.bad()
+        todo = [b for b in answers if b.correction is None]
+        rows = []
+        for b in answers:
+            f = b.fields(fmt)
+            done = f"row {b.correction['data_row']}" if b.correction else ""
+            rows.append([b.number, f.instruction, f.input, f.output, b.row.get("comment", ""), done])
+        text = (
+            f"**{len(answers)}** ✗ answer{'s' * (len(answers) != 1)} in `{feedback.path.name}`, "
+            f"**{len(answers) - len(todo)}** corrected into `{store.path.name}`"
+        )
+        first = todo[0].number if todo else None
+        return pd.DataFrame(rows, columns=BAD_HEADERS), text, first
 
     def view():
         try:
@@ -350,13 +424,20 @@ def _label(demo: gr.Blocks, store: LabelStore | None) -> None:
         t, c = view()
         return message, t, c
 
-    def do_add(f, i, x, o):
+    def do_add(f, i, x, o, fixing):
         try:
             n = store.append(i, x, o, f)
         except (LabelError, OSError) as e:
-            return (*after(f"✗ not saved: {e}"), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            return (*after(f"✗ not saved: {e}"), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        message = f"✓ added row {n}"
+        if fixing is not None and feedback is not None:
+            try:
+                feedback.mark_corrected(feedback.bad_answer(fixing), store.path, n)
+                message += f" (the correction of ✗ answer {fixing})"
+            except (FeedbackError, OSError) as e:
+                message += f"; ⚠ not recorded as the correction of ✗ answer {fixing}: {e}"
         # The form is cleared for the next row, the instruction kept (rows often share it).
-        return (*after(f"✓ added row {n}"), gr.skip(), "", "", None)
+        return (*after(message), gr.skip(), "", "", None, None)
 
     def do_load(n):
         try:
@@ -393,10 +474,10 @@ def _label(demo: gr.Blocks, store: LabelStore | None) -> None:
         return (*after(f"✓ deleted row {int(n)}"), None)
 
     form = [fmt, instruction, inp, output]
-    add.click(
+    add_event = add.click(
         do_add,
-        form,
-        [status, table, count, instruction, inp, output, loaded],
+        [*form, correcting],
+        [status, table, count, instruction, inp, output, loaded, correcting],
         concurrency_limit=8,
         api_name="add_row",
     )
@@ -411,39 +492,46 @@ def _label(demo: gr.Blocks, store: LabelStore | None) -> None:
         concurrency_limit=8,
         api_name="delete_row",
     )
-    clear.click(lambda: ("", "", "", "", None), None, [status, instruction, inp, output, loaded], queue=False)
+    clear.click(
+        lambda: ("", "", "", "", None, None),
+        None,
+        [status, instruction, inp, output, loaded, correcting],
+        queue=False,
+    )
     refresh.click(view, None, [table, count], concurrency_limit=8, api_visibility="private")
     demo.load(view, None, [table, count], api_visibility="private")
-
-
-# ----------------------------------------------------------------------------------------------- train
-def _train(demo: gr.Blocks, run_dir) -> None:
-    message = gr.Markdown(read_run(run_dir).message, elem_id="tr-message")
-    if run_dir is None:
+    if feedback is None:
         return
-    with gr.Row():
-        with gr.Column():
-            loss = gr.Image(
-                label="Training loss", type="pil", format="png", interactive=False, elem_id="tr-loss"
-            )
-            summary = gr.JSON(label="train_summary.json", open=True, elem_id="tr-summary")
-        with gr.Column():
-            report = gr.Markdown("", elem_id="tr-report")
-    refresh = gr.Button("Refresh", elem_id="tr-refresh")
 
-    def show():
-        from PIL import Image
+    def do_correct(number):
+        try:
+            answer = feedback.bad_answer(number)
+        except FeedbackError as e:
+            return f"✗ {e}", *[gr.skip()] * 5, None
+        f = answer.fields(store.current_format())
+        note = " (corrected before: adding saves another row)" if answer.correction else ""
+        return (
+            f"✗ answer {answer.number} loaded{note}: correct the output, then press *Add row*",
+            f.format,
+            f.instruction,
+            f.input,
+            f.output,
+            None,
+            answer.number,
+        )
 
-        run = read_run(run_dir)
-        image = None
-        if run.loss_png is not None:
-            with Image.open(run.loss_png) as im:
-                image = im.convert("RGB")
-        return run.message, image, run.summary, run.report or "*No eval/report.md yet (run `glmtune eval`).*"
-
-    outs = [message, loss, summary, report]
-    refresh.click(show, None, outs, api_visibility="private")
-    demo.load(show, None, outs, api_visibility="private")
+    correct.click(
+        do_correct,
+        bad_number,
+        [status, *form, loaded, correcting],
+        concurrency_limit=8,
+        api_name="correct_bad",
+    )
+    bad_outs = [bad_table, bad_count, bad_number]
+    add_event.then(bad_view, None, bad_outs, api_visibility="private")
+    refresh.click(bad_view, None, bad_outs, api_visibility="private")
+    label_tab.select(bad_view, None, bad_outs, api_visibility="private")
+    demo.load(bad_view, None, bad_outs, api_visibility="private")
 
 
 # ---------------------------------------------------------------------------------------------- launch

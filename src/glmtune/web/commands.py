@@ -16,11 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``web`` to the ``glmtune`` sub-parsers."""
     p = sub.add_parser(
         "web",
-        help="browser UI: playground, base-vs-tuned compare, labelling, training run",
+        help="browser UI: playground, compare, labelling, training runs (start, watch, stop, resume)",
         description="A local browser UI (Gradio) over the inference engine: try the model (streamed, "
         "JSON answers parsed, ✓/✗ feedback to a JSONL), compare base and fine-tuned answers side by "
-        "side, label rows into a training file, and look at a training run. Binds 127.0.0.1 unless "
-        "--host says otherwise.",
+        "side, label rows into a training file (✗ answers pre-filled for correction), and start, watch, "
+        "stop and resume glmtune train runs, training again from the adapter in use. Binds 127.0.0.1 "
+        "unless --host says otherwise.",
     )
     p.add_argument(
         "model",
@@ -47,7 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=Path("feedback.jsonl"),
         help="JSONL the ✓/✗ buttons append to (default: ./feedback.jsonl)",
     )
-    p.add_argument("--run", type=Path, help="training run folder for the Train tab")
+    p.add_argument("--run", type=Path, help="training run folder the Train tab shows until a run is started")
+    p.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("glmtune-web"),
+        help="folder for the runs the Train tab starts (runs/<name>) and their logs and state "
+        "(default: ./glmtune-web)",
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=120.0,
+        help="seconds a stopped run gets to save its checkpoint before it is killed (default 120)",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -73,6 +87,7 @@ def cmd_web(args) -> int:
 
     from .app import build_app, launch
     from .core import Backend
+    from .jobs import TrainJobs
     from .store import FeedbackLog, LabelStore
 
     store = LabelStore(args.data, default_format=args.label_format) if args.data is not None else None
@@ -86,16 +101,21 @@ def cmd_web(args) -> int:
         **loading_kwargs(args),
     )
     feedback = FeedbackLog(args.feedback, model=backend.model, adapter=backend.adapter)
-    app = build_app(backend, store=store, feedback=feedback, run_dir=args.run)
+    if args.stop_grace <= 0:
+        raise GlmtuneError(f"--stop-grace: expected a positive number of seconds, got {args.stop_grace}")
+    jobs = TrainJobs(args.workspace, grace=args.stop_grace)
+    jobs.jobs()  # a broken state file is reported now
+    app = build_app(backend, store=store, feedback=feedback, run_dir=args.run, jobs=jobs)
     if not _is_loopback(args.host):
         print(
             f"glmtune web: WARNING: listening on {args.host}: anyone who can reach this machine can use "
-            "the model and write to the data and feedback files (there is no login)",
+            "the model, write to the data and feedback files and start training runs (there is no login)",
             flush=True,
         )
     print(
         f"glmtune web: feedback -> {feedback.path}"
         + (f"; labels -> {store.path}" if store is not None else "")
+        + f"; training runs -> {jobs.runs_dir}"
         + f"; serving on http://{args.host}:{args.port} (Ctrl+C stops)",
         flush=True,
     )

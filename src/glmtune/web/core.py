@@ -3,6 +3,7 @@ comparison and a training run's summary. :mod:`glmtune.web.app` only lays these 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -173,6 +174,11 @@ class Backend:
         self.model = model
         self.adapter = adapter
         self.base = base
+        # Other adapters loaded for the Compare tab (a run trained from the Train tab), by key (their path).
+        self.variants: dict[str, _Variant] = {}
+        # The LoRA engine's active peft adapter (its name in the peft model), when adapters are swapped.
+        self._peft_name = "default"
+        self._guard = threading.Lock()  # adding and switching adapters
 
     @classmethod
     def load(
@@ -186,6 +192,7 @@ class Backend:
         trust_remote_code: bool = False,
         generation: str | None = None,
         quantization: str | None = None,
+        template=None,
     ) -> Backend:
         from glmtune.inference import Engine
         from glmtune.runs import resolve_model_or_run
@@ -197,6 +204,7 @@ class Backend:
             quantization=quantization,
             trust_remote_code=trust_remote_code,
             generation=generation,
+            template=template,  # a prompt template (name or YAML file); None: a run's own, else the model's
         )
         # A run folder (or run config) is what the run produced: its base + final/ adapter, or final/.
         resolved = resolve_model_or_run(model, adapter=adapter, **kw)
@@ -228,32 +236,132 @@ class Backend:
     def describe(self) -> str:
         return f"{self.model} + {self.adapter}" if self.adapter else self.model
 
+    def model_overrides(self) -> list[str]:
+        """Config overrides naming the base model this backend runs (``model.path``, and
+        ``model.generation`` / ``model.trust_remote_code`` when they were set), for a run that continues
+        from its adapter; [] for an engine that doesn't say what it was loaded from."""
+        resolved = getattr(self.engine, "resolved", None)
+        if resolved is None:
+            return []
+        out = [f"model.path={json.dumps(str(resolved.path))}"]
+        if resolved.generation_forced:
+            out.append(f"model.generation={resolved.generation}")
+        if resolved.trust_remote_code:
+            out.append("model.trust_remote_code=true")
+        return out
+
     def prepare(self, messages: list[dict], settings: GenerationSettings) -> list[dict]:
         """Drop the oldest exchanges that don't fit the context (engines that can tell)."""
         fit = getattr(self.engine, "fit_history", None)
         return fit(messages, settings.max_new_tokens)[0] if fit is not None else messages
 
     def stream(
-        self, messages: list[dict], settings: GenerationSettings, *, base: bool = False
+        self,
+        messages: list[dict],
+        settings: GenerationSettings,
+        *,
+        base: bool = False,
+        variant: str | None = None,
     ) -> Iterator[str]:
-        """Yield pieces of the answer of the tuned model (or of the base model, ``base=True``)."""
-        if not base:
+        """Yield pieces of the answer of the model in use (or of the base model, ``base=True`` or
+        ``variant="base"``, or of another loaded adapter, ``variant=KEY`` from :meth:`choices`)."""
+        variant = "base" if base else (variant or CURRENT)
+        if variant == CURRENT:
             yield from self.engine.stream(messages, settings)
-        elif self.base is not None:
-            yield from self.base.stream(messages, settings)
-        elif _is_lora(self.engine):
-            yield from _stream_adapter_off(self.engine, messages, settings)
+        elif variant == BASE:
+            if self.base is not None:
+                yield from self.base.stream(messages, settings)
+            elif _is_lora(self.engine):
+                yield from _stream_switched(
+                    self.engine, self.engine.model.disable_adapter, messages, settings
+                )
+            else:
+                raise InputError("compare: no base model (start with --adapter or --base-model)")
         else:
-            raise InputError("compare: no base model (start with --adapter or --base-model)")
+            v = self.variants.get(variant)
+            if v is None:
+                raise InputError(f"compare: no adapter {variant!r} is loaded")
+            if v.engine is not None:
+                yield from v.engine.stream(messages, settings)
+            else:
+                model = self.engine.model
+                yield from _stream_switched(
+                    self.engine, lambda: _peft_active(model, v.peft_name), messages, settings
+                )
 
     def answer(
-        self, messages: list[dict], settings: GenerationSettings, *, base: bool = False
+        self,
+        messages: list[dict],
+        settings: GenerationSettings,
+        *,
+        base: bool = False,
+        variant: str | None = None,
     ) -> Iterator[str]:
         """Like :meth:`stream`, but yields the whole answer so far each time."""
         text = ""
-        for piece in self.stream(messages, settings, base=base):
+        for piece in self.stream(messages, settings, base=base, variant=variant):
             text += piece
             yield text
+
+    # ---------------------------------------------------------------- more adapters (Train -> Compare)
+    def choices(self) -> list[tuple[str, str]]:
+        """``(label, key)`` of every model the Compare tab can run: the base model (when there is
+        one), the model in use, and each adapter loaded with :meth:`add_adapter`."""
+        out = [("base model", BASE)] if self.can_compare else []
+        out.append((f"in use: {self.describe()}", CURRENT))
+        out += [(f"adapter: {key}", key) for key in self.variants]
+        return out
+
+    def add_adapter(self, path: str | os.PathLike) -> str:
+        """Load another adapter of the same base model for the Compare tab; returns its key (the folder).
+
+        Beside a LoRA engine a LoRA adapter is loaded into the same peft model (no second copy of the
+        base weights) and switched on only while it answers; anything else (P-Tuning, an engine with
+        no LoRA) gets an engine of its own."""
+        folder = Path(path).absolute()
+        key = str(folder)
+        with self._guard:
+            if key in self.variants or key == self.adapter:
+                return key
+            if not folder.is_dir():
+                raise InputError(f"adapter: {folder} is not a folder")
+            if _is_lora(self.engine) and _is_peft_lora(folder):
+                name = f"web{len(self.variants) + 1}"
+                with self.engine.lock:
+                    self.engine.model.load_adapter(str(folder), adapter_name=name)
+                    _set_peft_adapter(self.engine.model, self._peft_name)  # keep the one in use active
+                self.variants[key] = _Variant(key, peft_name=name)
+            else:
+                resolved = getattr(self.engine, "resolved", None)
+                if resolved is None:
+                    raise InputError("adapter: this engine can't load another adapter")
+                from glmtune.inference import Engine
+
+                self.variants[key] = _Variant(key, engine=Engine.load(resolved.replace(adapter=folder)))
+        return key
+
+    def use(self, key: str) -> None:
+        """Make a loaded adapter the one in use (the Playground, feedback, "train again"); the one
+        used so far stays loaded as a variant."""
+        with self._guard:
+            v = self.variants.get(key)
+            if v is None:
+                raise InputError(f"adapter: no adapter {key!r} is loaded")
+            old = str(self.adapter) if self.adapter else None
+            if v.peft_name is not None:
+                with self.engine.lock:
+                    _set_peft_adapter(self.engine.model, v.peft_name)
+                previous = _Variant(old, peft_name=self._peft_name) if old else None
+                self._peft_name = v.peft_name
+            else:
+                previous = _Variant(old, engine=self.engine) if old else None
+                if old is None and self.base is None:
+                    self.base = self.engine  # the plain model in use so far is the base to compare with
+                self.engine = v.engine
+            del self.variants[key]
+            if previous is not None:
+                self.variants[old] = previous
+            self.adapter = key
 
 
 def _is_lora(engine) -> bool:
@@ -261,18 +369,56 @@ def _is_lora(engine) -> bool:
     return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _stream_adapter_off(engine, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
-    """Stream the base model's answer from a LoRA engine: a worker thread holds ``engine.lock`` (no
-    other generation can run meanwhile) with the adapter switched off and generates through a view
-    of the engine that has its own lock. The worker always ends (max_new_tokens bounds it), so the
-    lock is released even if the reader goes away mid-answer."""
+BASE = "base"
+CURRENT = "current"
+
+
+@dataclass
+class _Variant:
+    """An adapter loaded beside the one in use: into the LoRA engine's peft model (``peft_name``) or
+    with an engine of its own."""
+
+    path: str
+    peft_name: str | None = None
+    engine: Any = None
+
+
+def _is_peft_lora(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and str(cfg.get("peft_type", "")).upper() == "LORA"
+
+
+def _set_peft_adapter(model, name: str) -> None:
+    model.set_adapter(name, inference_mode=True)  # frozen: inference only
+
+
+@contextlib.contextmanager
+def _peft_active(model, name: str):
+    """The peft model with adapter ``name`` active for the block, the previous one active after it."""
+    previous = model.active_adapter
+    _set_peft_adapter(model, name)
+    try:
+        yield
+    finally:
+        _set_peft_adapter(model, previous)
+
+
+def _stream_switched(engine, switch, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+    """Stream an answer from a LoRA engine with its adapters switched by ``switch()`` (a context
+    manager: the adapter off, another adapter on): a worker thread holds ``engine.lock`` (no other
+    generation can run meanwhile) inside ``switch()`` and generates through a view of the engine that
+    has its own lock. The worker always ends (max_new_tokens bounds it), so the lock is released even
+    if the reader goes away mid-answer."""
     view = copy.copy(engine)
     view.lock = threading.Lock()
     pieces: queue.Queue = queue.Queue()
 
     def work():
         try:
-            with engine.lock, engine.model.disable_adapter():
+            with engine.lock, switch():
                 for piece in view.stream(messages, settings):
                     pieces.put(piece)
         except BaseException as e:  # handed to the reader below

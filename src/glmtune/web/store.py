@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "LABEL_FORMATS",
+    "BadAnswer",
     "FeedbackError",
     "FeedbackLog",
     "LabelError",
@@ -462,3 +463,91 @@ class FeedbackLog:
         if not self.path.exists():
             return []
         return [row for _, row in iter_raw_rows(self.path, on_error=lambda e: None)]
+
+    # ---------------------------------------------------------------- ✗ answers -> training rows
+    @property
+    def corrections_path(self) -> Path:
+        """``NAME.corrections.jsonl`` beside the log: which ✗ answers were corrected into the data (the
+        feedback log itself is only ever appended to)."""
+        return self.path.with_name(f"{self.path.stem}.corrections.jsonl")
+
+    def corrections(self) -> dict[str, dict]:
+        """Feedback fingerprint -> its correction record (data file, row number, timestamp)."""
+        if not self.corrections_path.exists():
+            return {}
+        out = {}
+        for _, row in iter_raw_rows(self.corrections_path, on_error=lambda e: None):
+            if isinstance(row.get("feedback"), str):
+                out[row["feedback"]] = row
+        return out
+
+    def bad(self) -> list[BadAnswer]:
+        """The ✗ answers, oldest first, numbered as rows of the log (1 = its first row)."""
+        done = self.corrections()
+        out = []
+        for number, row in enumerate(self.rows(), 1):
+            if row.get("verdict") != "bad" or not isinstance(row.get("output"), str):
+                continue
+            fp = _fingerprint(row)
+            out.append(BadAnswer(number, fp, row, done.get(fp)))
+        return out
+
+    def bad_answer(self, number: Any) -> BadAnswer:
+        """The ✗ answer at feedback row ``number`` (:class:`FeedbackError` naming it otherwise)."""
+        found = {b.number: b for b in self.bad()}
+        try:
+            n = int(number)
+        except (TypeError, ValueError):
+            raise FeedbackError(f"✗ answer: expected a row number, got {number!r}") from None
+        if n not in found:
+            shown = ", ".join(str(k) for k in found) or "none"
+            raise FeedbackError(f"✗ answer: feedback row {n} is not a ✗ answer (✗ rows: {shown})")
+        return found[n]
+
+    def mark_corrected(self, answer: BadAnswer, data: str | os.PathLike, data_row: int) -> dict:
+        """Record that ``answer`` was corrected into row ``data_row`` of the dataset ``data``."""
+        record = {
+            "timestamp": _utc_now(),
+            "feedback": answer.fingerprint,
+            "feedback_row": answer.number,
+            "data": str(data),
+            "data_row": data_row,
+        }
+        line = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
+        with file_lock(self.corrections_path):
+            with open(self.corrections_path, "ab") as f:
+                f.write(line + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return record
+
+
+@dataclass
+class BadAnswer:
+    """A ✗ answer of the feedback log: its row ``number`` in the log, a ``fingerprint`` that names it
+    in the corrections file, the ``row`` as logged and its ``correction`` (None until corrected)."""
+
+    number: int
+    fingerprint: str
+    row: dict
+    correction: dict | None = None
+
+    def fields(self, fmt: str = "context_target") -> LabelFields:
+        """The Label form pre-filled from the answer: the instruction and input of the prompt (free chat:
+        the last user message as the instruction), and the wrong answer as the output to correct."""
+        prompt = self.row.get("input")
+        if self.row.get("mode") == "chat" or not isinstance(prompt, str):
+            users = [
+                m.get("content")
+                for m in self.row.get("messages") or []
+                if isinstance(m, dict) and m.get("role") == "user"
+            ]
+            last = users[-1] if users and isinstance(users[-1], str) else prompt
+            instruction, input = (last if isinstance(last, str) else ""), ""
+        else:
+            m = _CONTEXT.fullmatch(prompt)
+            if m is not None:
+                instruction, input = m["instruction"], m["input"] or ""
+            else:  # the conversations prompt: the instruction, then the input on the next line
+                instruction, _, input = prompt.partition("\n")
+        return LabelFields(fmt, instruction, input, self.row["output"])
