@@ -141,3 +141,57 @@ def test_two_files_and_a_hub_dataset_mix_with_per_source_cache(hub_cache, tmp_pa
         "share": round(5 / 21, 6),
         "repeats": round(5 / 3, 4),
     }
+
+
+def _mixed_run(tmp_path, model, out, train_file, **data) -> dict:
+    from glmtune.config import load_config
+    from glmtune.train import train
+
+    raw = {
+        "model": {"path": str(model)},
+        "data": {"train_file": train_file, "max_length": 48, "cache_dir": str(tmp_path / "cache"), **data},
+        "method": {"name": "lora", "lora_r": 2, "lora_alpha": 4, "lora_dropout": 0.0},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "batch_size": 2,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "report_to": [],
+            "seed": 0,
+        },
+    }
+    lines: list[str] = []
+    summary = train(load_config(raw), printer=lambda line="", **_: lines.append(line))
+    return summary, lines
+
+
+def test_training_on_two_files_and_a_hub_dataset_reports_deterministic_shares(hub_cache, tmp_path):
+    model = make_tiny_model(tmp_path / "glm3", "chatglm3")
+    a = _jsonl(tmp_path / "a.jsonl", _rows("a", 10))
+    # A second file in another format, with its own columns: AdvertiseGen-style content/summary.
+    b = _jsonl(
+        tmp_path / "b.jsonl", [{"q": f"类型#裙*颜色#{c}", "a": f"一条{c}色的裙子"} for c in "红黄蓝绿"]
+    )
+    sources = [
+        {"path": str(a), "rows": 6},
+        {
+            "path": str(b),
+            "format": "prompt_response",
+            "columns": {"prompt": "q", "response": "a"},
+            "weight": 1,
+        },
+        {"path": "acme/tiny-alpaca", "weight": 1},
+    ]
+    first, lines = _mixed_run(tmp_path, model, tmp_path / "r1", sources)
+    mix = first["data_mix"]["train"]
+    assert [(s["available"], s["used"]) for s in mix["sources"]] == [(10, 6), (4, 5), (6, 5)]
+    assert mix["total"] == first["train_examples"] == 16
+    assert "train mix (seed 0): 16 rows" in lines
+    assert f"  {b}: 5 of 4 rows (31.2%, upsampled 1.25x)" in lines
+    # The summary on disk says the same; a second run draws the same rows.
+    on_disk = json.loads((tmp_path / "r1" / "train_summary.json").read_text(encoding="utf-8"))
+    assert on_disk["data_mix"] == first["data_mix"]
+    again, _ = _mixed_run(tmp_path, model, tmp_path / "r2", sources)
+    assert again["data_mix"] == first["data_mix"] and again["train_loss"] == first["train_loss"]

@@ -356,18 +356,57 @@ class ModelConfig:
         "quantization: QLoRA when method.name is lora), each Linear weight as it streams in. Needs the "
         "bitsandbytes package; runs on a CUDA GPU or on the CPU.",
     )
+    template: str | None = Field(
+        None,
+        description="Prompt template instead of the model generation's own chat format: a shipped name (alpaca, "
+        "chatml, vicuna) or a YAML file (README 'Prompt templates'); null = the generation's.",
+    )
+
+
+@dataclass(kw_only=True, config=_GROUP_CONFIG)
+class DataSourceConfig:
+    """One entry of a data.train_file / data.eval_file list (glmtune.data.sources)."""
+
+    path: str = Field(
+        description="A .json/.jsonl file, or a datasets hub id org/name[@revision] (hub:org/name forces the hub)."
+    )
+    split: str | None = Field(None, description="The split of a hub dataset; null = train.")
+    format: DataFormat | None = Field(None, description="This source's row format; null = data.format.")
+    columns: Annotated[dict[str, str | None], AfterValidator(_columns)] | None = Field(
+        None, description="This source's column names; null = data.columns."
+    )
+    weight: Float | None = Field(
+        None,
+        gt=0,
+        description="Share of the weighted sources' rows this source gets, relative to the other weights.",
+    )
+    rows: Int | None = Field(
+        None, ge=1, description="Exactly this many rows (sampled, or repeated when the source has fewer)."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> DataSourceConfig:
+        if self.weight is not None and self.rows is not None:
+            _rules([("weight", "give a source either weight or rows, not both")])
+        return self
+
+
+# A data file, or a list of sources (paths or mappings) mixed into one set.
+DataFiles = str | list[str | DataSourceConfig]
 
 
 @dataclass(kw_only=True, config=_GROUP_CONFIG)
 class DataConfig:
     """The training data and how examples are cut to length."""
 
-    train_file: str = Field(
-        description="Training data: a .jsonl file (one JSON object a line) or a .json array."
+    train_file: DataFiles = Field(
+        description="Training data: a .jsonl file (one JSON object a line) or a .json array, a datasets hub id "
+        "(org/name), or a list of them mixed into one set, each entry a path or {path, split, format, columns, "
+        "weight | rows} (see Mixed datasets in the README)."
     )
-    eval_file: str | None = Field(
+    eval_file: DataFiles | None = Field(
         None,
-        description="Evaluation data in the same format; null = none, or a split of train_file (data.eval_ratio).",
+        description="Evaluation data in the same forms; null = none, or a split of train_file (data.eval_ratio).",
     )
     format: DataFormat = Field(
         "auto",
@@ -457,6 +496,41 @@ class DataConfig:
             )
         _rules(problems)
         return self
+
+    def sources(self, which: str = "train") -> list:
+        """``train_file`` (or ``eval_file``) as :class:`glmtune.data.sources.DataSource` entries; entries
+        without their own format / columns take data.format / data.columns. Empty for no eval_file."""
+        from .data.sources import DataSource
+
+        value = self.train_file if which == "train" else self.eval_file
+        if value is None:
+            return []
+        out = []
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                out.append(DataSource(item, format=self.format, columns=self.columns or None))
+            else:
+                out.append(
+                    DataSource(
+                        item.path,
+                        split=item.split,
+                        format=item.format or self.format,
+                        columns=(item.columns if item.columns is not None else self.columns) or None,
+                        weight=item.weight,
+                        rows=item.rows,
+                    )
+                )
+        return out
+
+    def is_mixed(self, which: str = "train") -> bool:
+        """More than one source, or one that is sampled or from the hub: read through the mixing path."""
+        from .data.sources import is_hub_source
+
+        sources = self.sources(which)
+        return len(sources) > 1 or any(
+            s.weight is not None or s.rows is not None or s.split is not None or is_hub_source(s.path)
+            for s in sources
+        )
 
 
 @dataclass(kw_only=True, config=_GROUP_CONFIG)
@@ -872,11 +946,29 @@ def _locate(loc: tuple) -> tuple[str, Any, Any]:
         elif isinstance(part, str) and _arm(tp, dict) is not None and part != "[key]":
             tp = get_args(_arm(tp, dict))[1]
             path = f"{path}.{part}"
+        elif isinstance(part, str) and _union_arm(tp, part) is not None:
+            # The tag of the union member the rest of the location lies in ("list[...]", a group's name).
+            tp = _union_arm(tp, part)
         else:
             # The tag pydantic gives one member of a union ("int", "list[str]"): the value failed every
             # member, so the problem is the field's as a whole.
             break
     return path, tp, info
+
+
+def _union_arm(tp: Any, tag: str) -> Any:
+    """The member of the union ``tp`` that pydantic's location tag names: the list member for
+    ``list[...]``, a group (config dataclass) whose name the tag ends with; None for a scalar member."""
+    tp = _unwrap(tp)
+    if not _is_union(tp):
+        return None
+    if tag.startswith("list["):
+        return _arm(tp, list)
+    for arm in get_args(tp):
+        arm = _unwrap(arm)
+        if _is_group(arm) and tag.rstrip("]").endswith(arm.__name__):
+            return arm
+    return None
 
 
 def _bounds(info: Any) -> str:
@@ -940,17 +1032,43 @@ def _unknown(path: str, key: str, valid: list[str], group: str | None) -> _Probl
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
+def _error_path(e: Mapping[str, Any]) -> str:
+    """The key path an error is about, as deep as it goes (an unknown key and a rule inside a list entry
+    included), for telling which of a union's errors reaches deepest."""
+    path = _locate(e["loc"])[0]
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{_locate(e['loc'][:-1])[0]}.{e['loc'][-1]}"
+    if e["type"] == "glmtune_rules" and e["loc"]:
+        return f"{path}.{e['ctx']['problems'][0][0]}"
+    return path
+
+
 def _problems(err: ValidationError) -> list[_Problem]:
     """Each of pydantic's errors as one problem naming the key path; a value that fails every member of
     a union is one problem, not one per member."""
     out: list[_Problem] = []
     seen: set[str] = set()
-    for e in err.errors(include_url=False):
+    errors = err.errors(include_url=False)
+    # A value inside a union (data.train_file: a path or a list of sources) fails each member; the error
+    # that reaches deepest says what is wrong, so one that a deeper error's path extends is left out.
+    located = [_error_path(e) for e in errors]
+    deeper = [any(o != p and o.startswith((p + ".", p + "[")) for o in located) for p in located]
+    for e, is_covered in zip(errors, deeper):
         kind, loc, value = e["type"], e["loc"], e.get("input")
+        if is_covered:
+            continue
         if kind == "glmtune_rules":
-            out += [_Problem(path, msg) for path, msg in e["ctx"]["problems"]]
+            where, tp, _ = _locate(loc)
+            if _is_group(_unwrap(tp)) and _unwrap(tp) not in GROUPS.values():  # a list entry's own rules
+                out += [_Problem(f"{where}.{path}", f"{where}: {msg}") for path, msg in e["ctx"]["problems"]]
+            else:
+                out += [_Problem(path, msg) for path, msg in e["ctx"]["problems"]]
             continue
         if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):  # invalid: not a string
+            where, tp, _ = _locate(loc[:-1])
+            if len(loc) > 2 and _is_group(_unwrap(tp)):
+                out.append(_unknown(where, str(loc[-1]), list(_fields(_unwrap(tp))), where))
+                continue
             group = str(loc[0]) if len(loc) > 1 else None
             valid = list(_fields(GROUPS[group])) if group in GROUPS else list(GROUPS)
             out.append(_unknown(group or "", str(loc[-1]), valid, group))
@@ -1090,19 +1208,26 @@ BESIDE_CONFIG_RULE = (
 
 def _beside_config(raw: dict, config_dir: Path, origins: Mapping[str, str]) -> dict:
     """``raw`` with each relative data file of :data:`_BESIDE_CONFIG_KEYS` that is missing from the
-    working directory but present in ``config_dir`` replaced by its absolute path there. Keys set by an
-    override, absolute paths and paths found from the working directory are left as they are."""
+    working directory but present in ``config_dir`` replaced by its absolute path there (also each
+    path of a list of sources). Keys set by an override, absolute paths and paths found from the
+    working directory are left as they are."""
+
+    def beside(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {**value, "path": beside(value.get("path"))} if "path" in value else value
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute() or path.exists() or not (config_dir / path).exists():
+            return value
+        return os.path.abspath(config_dir / path)
+
     for group, key in _BESIDE_CONFIG_KEYS:
         node = raw.get(group)
-        value = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(value, str) or not value or f"{group}.{key}" in origins:
+        if not isinstance(node, dict) or key not in node or f"{group}.{key}" in origins:
             continue
-        path = Path(value).expanduser()
-        if path.is_absolute() or path.exists():
-            continue
-        beside = config_dir / path
-        if beside.exists():
-            node[key] = os.path.abspath(beside)
+        value = node[key]
+        node[key] = [beside(v) for v in value] if isinstance(value, list) else beside(value)
     return raw
 
 

@@ -38,7 +38,16 @@ from pathlib import Path
 
 from glmtune.data.readers import DataError
 
-__all__ = ["DataSource", "MixReport", "SourceShare", "as_sources", "mix_indices", "source_file"]
+__all__ = [
+    "DataSource",
+    "MixReport",
+    "SourceShare",
+    "as_sources",
+    "is_hub_source",
+    "mix_indices",
+    "source_file",
+    "tokenize_sources",
+]
 
 _HUB_ID = re.compile(r"^(?:hub:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -111,6 +120,11 @@ def _hub_id(path: str) -> tuple[str, str | None] | None:
     if m is None or (not path.startswith("hub:") and Path(path).exists()):
         return None
     return m.group(1), m.group(2)
+
+
+def is_hub_source(path: str) -> bool:
+    """Whether a source path names a hub dataset (``org/name`` that is no local path, or ``hub:...``)."""
+    return _hub_id(path) is not None
 
 
 def _split_file(snapshot: Path, split: str, repo: str) -> list[Path]:

@@ -14,7 +14,9 @@ import contextlib
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,11 +25,37 @@ from ..config import CONFIG_FILENAME, RunConfig, save_config
 from ..errors import ConfigError, GlmtuneError
 from ..resolve import ResolvedModel, resolve_model
 from ..runs import Run
-from .methods import check_quantization, get_method, quantize_linears, trainable_summary
+from ..user_templates import save_run_template
+from .methods import check_quantization, get_method, prepare_quantized, trainable_summary
+
+
+def check_launcher(cfg: RunConfig) -> None:
+    """Refuse a run config that disagrees with what ``accelerate launch`` set up for DeepSpeed (its
+    DeepSpeed configs, configs/accelerate/deepspeed_zero*.yaml), naming both sides; accelerate's and
+    transformers' own errors come only after the model is loaded and name neither glmtune field."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
+        return
+    if cfg.train.deepspeed:
+        raise ConfigError(
+            f"train.deepspeed={cfg.train.deepspeed}: this run was started by accelerate launch with a DeepSpeed "
+            "config (configs/accelerate/deepspeed_zero*.yaml), which sets DeepSpeed up already; set "
+            "train.deepspeed=null, or launch with configs/accelerate/ddp.yaml or torchrun to use the json"
+        )
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    wanted = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[cfg.train.precision]
+    if launched in ("no", "fp16", "bf16") and launched != wanted:
+        as_precision = "fp32" if launched == "no" else launched
+        raise ConfigError(
+            f"train.precision={cfg.train.precision}, but accelerate launch was given mixed_precision "
+            f"{launched} (the accelerate config or --mixed_precision); make them agree: "
+            f"--mixed_precision {wanted} or train.precision={as_precision}"
+        )
 
 
 def check_device(cfg: RunConfig) -> None:
     """Refuse what the machine can't do before any weight is read."""
+    check_launcher(cfg)
     cuda = torch.cuda.is_available()
     cfg.check_device(
         cuda=cuda,
@@ -70,65 +98,98 @@ def _split_rows(n: int, cfg: RunConfig) -> tuple[list[int], list[int]]:
     return rows["train"]["row"], rows["test"]["row"]
 
 
-def _datasets(cfg: RunConfig, model: ResolvedModel):
-    from ..data.cache import tokenize_cached
+@dataclass
+class _Data:
+    """One split's data as read: the tokenized set, its sources with their cache records, and the mix."""
+
+    dataset: Any
+    sources: list
+    infos: list
+    mix: Any  # glmtune.data.sources.MixReport
+    picked: list[list[int]]  # per source, its tokenized rows in the set, in order
+
+    def reports(self, split: str) -> dict:
+        """Label -> CacheInfo: ``train`` for one source, ``train <source>`` for each of several."""
+        if len(self.sources) == 1:
+            return {split: self.infos[0]}
+        return {f"{split} {s.name}": info for s, info in zip(self.sources, self.infos)}
+
+
+def _read_split(cfg: RunConfig, model: ResolvedModel, which: str) -> _Data | None:
+    """data.train_file / data.eval_file: each source tokenized through the cache, then mixed
+    (glmtune.data.sources; one plain file is that file's rows, unchanged)."""
+    from ..data.sources import tokenize_sources
 
     d = cfg.data
-    common = dict(
+    sources = d.sources(which)
+    if not sources:
+        return None
+    dataset, infos, mix, picked = tokenize_sources(
+        sources,
+        model,
+        seed=d.seed if d.seed is not None else cfg.train.seed,
         settings=_encode_settings(cfg),
         cache_dir=d.cache_dir,
-        fmt=d.format,
-        columns=d.columns or None,
         skip_invalid=d.skip_invalid,
     )
-    train, info = tokenize_cached(d.train_file, model, **common)
-    reports = {"train": info}
-    evals = None
+    return _Data(dataset, sources, infos, mix, picked)
+
+
+def _datasets(cfg: RunConfig, model: ResolvedModel):
+    """(train set, eval set or None, {"train": _Data, "eval": _Data}) of the config's data."""
+    d = cfg.data
+    data = {"train": _read_split(cfg, model, "train")}
+    train, evals = data["train"].dataset, None
     if d.eval_file:
-        evals, reports["eval"] = tokenize_cached(d.eval_file, model, **common)
+        data["eval"] = _read_split(cfg, model, "eval")
+        evals = data["eval"].dataset
     elif d.eval_ratio > 0:
         # The same split as train.train_test_split(test_size, seed), with the rows known (the generation
         # metrics need the eval split's raw examples: _generation_examples).
         train_rows, eval_rows = _split_rows(len(train), cfg)
         train, evals = train.select(train_rows), train.select(eval_rows)
-    return train, evals, reports
+    return train, evals, data
 
 
-def _generation_examples(cfg: RunConfig, model: ResolvedModel, tokenizer, reports) -> list:
-    """The eval examples generation is scored on, as read (prompt and reference reply), the first
-    ``eval.num_samples`` of them: the rows of data.eval_file, or the rows data.eval_ratio split off."""
+def _kept_examples(cfg: RunConfig, model: ResolvedModel, tokenizer, source, info) -> list:
+    """A source's examples as read, aligned with its tokenized rows (those that kept a reply token)."""
     from ..data import read_examples
     from ..data.encode import encode_all
+    from ..data.sources import source_file
 
     d = cfg.data
+    path = source_file(source, d.cache_dir)
+    raw = read_examples(path, fmt=source.format, columns=source.columns, skip_invalid=d.skip_invalid).examples
+    if info.stats.dropped or info.stats.invalid:
+        settings = _encode_settings(cfg)
+        raw = [
+            ex for ex in raw if encode_all(tokenizer, model.template, [ex], settings, skip_invalid=True)[0]
+        ]
+    if len(raw) != info.rows:
+        raise GlmtuneError(
+            f"{path}: {len(raw)} examples read but {info.rows} tokenized rows; the eval examples for "
+            "eval.predict_with_generate cannot be matched (clear data.cache_dir and retry)"
+        )
+    return raw
 
-    def read(path):
-        return read_examples(path, fmt=d.format, columns=d.columns or None, skip_invalid=d.skip_invalid)
 
-    if d.eval_file:
-        examples = read(d.eval_file).examples
-    else:
-        raw = read(d.train_file).examples
-        info = reports["train"]
-        if info.stats.dropped or info.stats.invalid:
-            # The tokenized rows are the examples that kept a reply token: find which those are.
-            settings = _encode_settings(cfg)
-            raw = [
-                ex
-                for ex in raw
-                if encode_all(tokenizer, model.spec.template, [ex], settings, skip_invalid=True)[0]
-            ]
-        if len(raw) != info.rows:
-            raise GlmtuneError(
-                f"{d.train_file}: {len(raw)} examples read but {info.rows} tokenized rows; the eval split's "
-                "examples for eval.predict_with_generate cannot be matched (clear data.cache_dir and retry)"
-            )
-        examples = [raw[i] for i in _split_rows(len(raw), cfg)[1]]
+def _generation_examples(cfg: RunConfig, model: ResolvedModel, tokenizer, data: dict) -> list:
+    """The eval examples generation is scored on, as read (prompt and reference reply), the first
+    ``eval.num_samples`` of them: the rows of data.eval_file, or the rows data.eval_ratio split off."""
+    split = data.get("eval") or data["train"]
+    examples = [
+        kept[i]
+        for source, info, rows in zip(split.sources, split.infos, split.picked)
+        for kept in [_kept_examples(cfg, model, tokenizer, source, info)]
+        for i in rows
+    ]
+    if "eval" not in data:
+        examples = [examples[i] for i in _split_rows(len(examples), cfg)[1]]
     n = cfg.eval.num_samples
     return examples[:n] if n else examples
 
 
-def _generation_eval(cfg: RunConfig, model: ResolvedModel, tokenizer, reports, has_eval: bool, printer):
+def _generation_eval(cfg: RunConfig, model: ResolvedModel, tokenizer, data, has_eval: bool, printer):
     """The :class:`~.generation_eval.GenerationEval` of ``eval.predict_with_generate`` (None without it),
     with ``eval.best_metric`` checked against the metrics it will log, before any weight is read."""
     from ..inference import GenerationSettings
@@ -148,9 +209,15 @@ def _generation_eval(cfg: RunConfig, model: ResolvedModel, tokenizer, reports, h
         settings = GenerationSettings(
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p
         )
-        examples = _generation_examples(cfg, model, tokenizer, reports)
+        examples = _generation_examples(cfg, model, tokenizer, data)
         generation = GenerationEval(
-            examples, tokenizer, model.spec, settings, batch_size=cfg.train.batch_size, seed=cfg.train.seed
+            examples,
+            tokenizer,
+            model.spec,
+            settings,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            template=model.template,
         )
         generation.check_best_metric(e.best_metric)
         printer(
@@ -179,8 +246,24 @@ def _sharded(trainer) -> bool:
     return bool(trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()))
 
 
-def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non_padding"):
-    """``count_tokens``: how the Trainer counts tokens seen ("non_padding" needs an attention_mask)."""
+def _zero3_partitioned(model) -> bool:
+    """The model's weights are ZeRO-3 partitions (built under ``deepspeed.zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _partition_sizes(model) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model) of a ZeRO-3 partitioned model: each
+    parameter keeps its slice in ``ds_tensor`` (``numel`` / world size, padded) and ``ds_numel`` whole."""
+    held = whole = 0
+    for p in model.parameters():
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        whole += getattr(p, "ds_numel", p.numel())
+    return held, whole
+
+
+def _training_arguments(cfg: RunConfig, has_eval: bool):
+    """The run's TrainingArguments. Made before the model is loaded (they set up DeepSpeed, see
+    ``train``); ``include_num_input_tokens_seen`` is settled once the collator is known."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -223,7 +306,7 @@ def _training_arguments(cfg: RunConfig, has_eval: bool, count_tokens: str = "non
         deepspeed=t.deepspeed,
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
-        include_num_input_tokens_seen=count_tokens,
+        include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",
         disable_tqdm=True,
@@ -249,6 +332,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
         dtype=cfg.model.dtype,
         quantization=cfg.model.quantization,
         trust_remote_code=cfg.model.trust_remote_code,
+        # A prompt template (shipped name or YAML file); the field may be absent from an older config.
+        template=cfg.model.template,
     )
     spec, model_path = resolved.spec, resolved.path
     method = get_method(cfg.method.name)
@@ -264,10 +349,12 @@ def train(cfg: RunConfig, printer=print) -> dict:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILENAME)
+    save_run_template(resolved, out)
 
     # 2. Tokenizer and data (tokenized once, cached on disk).
     tokenizer = load_tokenizer(resolved)
-    train_set, eval_set, reports = _datasets(cfg, resolved)
+    train_set, eval_set, data = _datasets(cfg, resolved)
+    reports = {k: v for which, split in data.items() for k, v in split.reports(which).items()}
     for split, info in reports.items():
         st = info.stats
         printer(
@@ -276,17 +363,33 @@ def train(cfg: RunConfig, printer=print) -> dict:
             f"{len(st.invalid)} invalid rows skipped"
         )
     # Generation metrics (eval.predict_with_generate): their eval examples, and eval.best_metric checked.
-    generation = _generation_eval(cfg, resolved, tokenizer, reports, eval_set is not None, printer)
+    for which, split in data.items():
+        if len(split.sources) > 1 or split.mix.total != split.infos[0].rows:
+            printer(f"{which} mix (seed {split.mix.seed}): {split.mix.total} rows")
+            for line in split.mix.lines():
+                printer(line)
+    generation = _generation_eval(cfg, resolved, tokenizer, data, eval_set is not None, printer)
 
     # 3. Model, then the method makes it trainable.
+    # The TrainingArguments come first: under DeepSpeed ZeRO-3 (train.deepspeed, or accelerate's DeepSpeed
+    # plugin with zero3_init_flag) they hold the HfDeepSpeedConfig that makes the loaders build the model
+    # already partitioned across the ranks (deepspeed.zero.Init), so no rank holds the whole model.
+    args = _training_arguments(cfg, eval_set is not None)
     # Seed before the model is built: LoRA A matrices and a fresh P-Tuning prefix come from the global
     # RNG (the Trainer seeds only later), so without this one config starts from different weights.
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
     model = load_model(resolved, trainable_adapter=True, **method.load_kwargs(cfg.method))
-    if resolved.quantization in ("4bit", "8bit"):
-        model = quantize_linears(model, 4 if resolved.quantization == "4bit" else 8)
+    if _zero3_partitioned(model):
+        held, whole = _partition_sizes(model)
+        printer(
+            f"DeepSpeed ZeRO-3: rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()} "
+            f"holds {held:,} of the {whole:,} base parameters (its partition)",
+            flush=True,
+        )
+    if resolved.quantization:  # load_model quantized the base as it streamed in: k-bit training set-up
+        model = prepare_quantized(model)
     model = method.prepare(model, spec, cfg.method)
     model.train()
     if cfg.train.gradient_checkpointing:
@@ -319,8 +422,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     # Padding-free and packed batches carry no attention_mask: their tokens are all counted (exact for
     # padding-free rows; packed rows add their short per-batch padding).
-    count = "non_padding" if isinstance(collator, DataCollator) else "all"
-    args = _training_arguments(cfg, eval_set is not None, count)
+    args.include_num_input_tokens_seen = "non_padding" if isinstance(collator, DataCollator) else "all"
     base_config = dict(resolved.config) or None  # config.json as resolved (None for GGUF)
     generated = [metric_key(name) for name in generation.names] if generation is not None else []
     progress = ProgressCallback(printer, metrics=generated)
@@ -328,6 +430,7 @@ def train(cfg: RunConfig, printer=print) -> dict:
 
     def save_extras(folder: Path) -> None:
         save_config(cfg, folder / CONFIG_FILENAME)
+        save_run_template(resolved, folder)
         if method.name == "full":
             tokenizer.save_pretrained(str(folder))
 
@@ -367,9 +470,10 @@ def train(cfg: RunConfig, printer=print) -> dict:
     with use_padding_free_attention(model) if isinstance(collator, FlatCollator) else _nothing():
         result = trainer.train(resume_from_checkpoint=resume)
 
-    # 5. Final weights, plot and summary.
+    # 5. Final weights, plot and summary. Every rank takes part (ZeRO-3 gathers the weights), one writes,
+    # and final/ appears whole.
     final = out / "final"
-    trainer.save_model(str(final))
+    trainer.save_model_atomic(final)
     if trainer.args.should_save:  # one writer: ranks share the temporary file name
         plot_losses(trainer.state.log_history, out / "loss.png", metrics=generated)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -400,6 +504,8 @@ def train(cfg: RunConfig, printer=print) -> dict:
         "train_seconds": result.metrics.get("train_runtime"),
         "total_seconds": seconds,
         "train_examples": len(train_set),
+        # Each source's rows available and used and its share of the set (glmtune.data.sources).
+        "data_mix": {which: split.mix.as_dict() for which, split in data.items()},
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": (trainer.state.num_input_tokens_seen or 0)
         / max(result.metrics.get("train_runtime", 1), 1e-9),

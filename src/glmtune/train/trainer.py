@@ -11,11 +11,14 @@
   vocabulary;
 - with ``eval.predict_with_generate`` every evaluation also generates and logs ROUGE/BLEU and task
   metrics beside the eval loss (:mod:`glmtune.train.generation_eval`); ``best/`` follows
-  ``eval.best_metric``.
+  ``eval.best_metric``;
+- ``metrics.jsonl`` in the run folder follows the log history as it grows, and SIGTERM stops a
+  single-process run after a checkpoint of its current step (what glmtune web's Train tab reads and sends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -37,6 +40,10 @@ STAGING = ".staging"
 
 class TrainingDiverged(GlmtuneError):
     """The training loss became NaN or infinite."""
+
+
+class TrainingStopped(GlmtuneError):
+    """The run was asked to stop (SIGTERM) and stopped after saving a checkpoint of its last step."""
 
 
 class CheckpointSaveError(GlmtuneError, OSError):
@@ -84,6 +91,25 @@ class GlmtuneTrainer(Trainer):
         self.logits_at_labels_only = logits_at_labels_only
         self.loss_chunk_size = loss_chunk_size
         self._output_layer = _output_layer(self.model) if logits_at_labels_only else None
+        # For readers that follow the run (glmtune web's Train tab): metrics.jsonl, and SIGTERM as "stop".
+        self.add_callback(MetricsLogCallback())
+        self._graceful_stop = GracefulStopCallback()
+        self.add_callback(self._graceful_stop)
+
+    def train(self, *args, **kwargs):
+        """The stock loop. A SIGTERM while it runs (``kill``, glmtune web's Stop) ends it at the end of the
+        current step with a checkpoint of that step, then raises :class:`TrainingStopped`, so that
+        ``train.resume=latest`` continues from exactly there (see :class:`GracefulStopCallback`)."""
+        with self._graceful_stop.installed(self.args):
+            result = super().train(*args, **kwargs)
+        stop = self._graceful_stop
+        if stop.requested and self.state.global_step < self.state.max_steps:
+            raise TrainingStopped(
+                f"stopped by {stop.requested} at step {self.state.global_step} of {self.state.max_steps}: "
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step} is saved in {self.args.output_dir}; "
+                "continue with train.resume=latest"
+            )
+        return result
 
     def _labelled_loss_applies(self, model, inputs) -> bool:
         return (
@@ -94,6 +120,10 @@ class GlmtuneTrainer(Trainer):
             and self.compute_loss_func is None
             # evaluation: only when nothing but the loss is wanted (no logits for compute_metrics)
             and (model.training or self.compute_metrics is None)
+            # ZeRO-3 gathers a layer's weight only around its own forward and backward: the loss computed
+            # beside the output layer's forward would need its weight again in the backward pass
+            # (DeepSpeed fails with "active_backward_submodules is empty").
+            and not (self.is_deepspeed_enabled and _zero3())
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -169,6 +199,27 @@ class GlmtuneTrainer(Trainer):
         )
         self.save_extras(out)
 
+    def save_model_atomic(self, target: Path, extra=None) -> None:
+        """``save_model`` into ``target``, which appears whole or not at all and replaces what was there.
+
+        Every rank calls it (under ZeRO-3 the weights are gathered collectively); the process that saves
+        writes into a fresh temporary folder beside ``target`` (``atomic_dir``) whose name the others
+        receive, then ``extra(folder)`` adds its files, and the folder is renamed into place once every
+        rank is done with it.
+        """
+        target = Path(target)
+        distributed = self.args.parallel_mode.value == "distributed"
+        with atomic_dir(target, overwrite=True) if self.args.should_save else _no_folder() as tmp:
+            if distributed:
+                box = [str(tmp) if tmp is not None else None]
+                torch.distributed.broadcast_object_list(box, src=0)
+                tmp = Path(box[0])
+            self.save_model(str(tmp))
+            if extra is not None and self.args.should_save:
+                extra(tmp)
+            if distributed:
+                torch.distributed.barrier()
+
     def _save_checkpoint(self, model, trial):
         from safetensors import SafetensorError
 
@@ -231,6 +282,17 @@ class GlmtuneTrainer(Trainer):
             load_prefix(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+@contextlib.contextmanager
+def _no_folder():
+    yield None
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _output_layer(model):
@@ -383,17 +445,17 @@ class BestAndPlotCallback(TrainerCallback):
         if value is None or not self._better(value):
             return
         self.best, self.best_step = value, state.global_step
-        if not state.is_world_process_zero:
-            return
         record = {"step": state.global_step, "metric": self.metric}
         for key in ("eval_loss", *self.plot_metrics, self.metric):
             if key in metrics:
                 record[key] = metrics[key]
         best = Path(args.output_dir) / "best"
         try:
-            with atomic_dir(best, overwrite=True) as tmp:
-                self.trainer._save(str(tmp))
-                (tmp / "best.json").write_text(json.dumps(record))
+            # Every rank: the metrics (gathered) are the same on each, and under ZeRO-3 the weights are
+            # gathered collectively; one process writes.
+            self.trainer.save_model_atomic(
+                best, extra=lambda folder: (folder / "best.json").write_text(json.dumps(record))
+            )
         except OSError as e:  # best/ itself is left as it was
             raise _save_failed(e, f"best/ (step {state.global_step})", best, args.output_dir) from e
 
@@ -482,3 +544,73 @@ def _draw_metrics(ax, series: dict[str, list[tuple[int, float]]]) -> None:
             lines += right.plot(steps, values, "s--", color=f"C{len(lines) % 10}", label=name)
         right.set_ylabel("task metrics (0-1)")
     ax.legend(lines, [line.get_label() for line in lines], fontsize="small")
+
+
+# ------------------------------------------------------------------------------- following a run, stopping it
+#: The run folder's metrics log (see :class:`MetricsLogCallback`).
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogCallback(TrainerCallback):
+    """``<output_dir>/metrics.jsonl``: the Trainer's log history as it grows, one JSON object a line
+    (``step``, ``epoch``, ``loss``, ``learning_rate``, ... or ``eval_loss`` and the generation metrics),
+    each with ``max_steps``, for readers that follow a run live (glmtune web's Train tab) without
+    TensorBoard. When a run starts or resumes the file is rewritten atomically from the state's history
+    (empty, or the resumed checkpoint's), which drops lines logged after that checkpoint; then each log
+    appends one flushed line (a reader may see the last line half-written and skip it)."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            from ..atomic import write_jsonl
+
+            write_jsonl(
+                Path(args.output_dir) / METRICS_FILE,
+                [{**h, "max_steps": state.max_steps} for h in state.log_history],
+            )
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {**logs, "step": state.global_step, "max_steps": state.max_steps, "time": round(time.time(), 3)}
+        with open(Path(args.output_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+class GracefulStopCallback(TrainerCallback):
+    """SIGTERM as a request to stop: the current step finishes, its loss is logged and a checkpoint of
+    it is saved (written atomically like every checkpoint), then the loop ends and
+    :meth:`GlmtuneTrainer.train` raises :class:`TrainingStopped`. A second SIGTERM ends the process at
+    once (the last checkpoint is intact). Only a single-process run in its main thread handles the
+    signal: distributed ranks would see it at different steps and wait on each other's checkpoint."""
+
+    def __init__(self):
+        self.requested: str | None = None  # the signal's name once one arrived
+
+    @contextlib.contextmanager
+    def installed(self, args):
+        import signal
+        import threading
+
+        if args.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.requested = None
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:  # asked twice: die now, as without the handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.requested:
+            control.should_log = control.should_save = control.should_training_stop = True
