@@ -1,11 +1,18 @@
-"""Peak memory of loading a ChatGLM3-6B-shaped checkpoint in bf16 on the CPU (not run in CI).
+"""Peak memory of loading a ChatGLM3-6B-shaped checkpoint on the CPU, float or quantized (not run in CI).
 
 Writes random weights in the official sharded safetensors format (official names and shapes: 28
 layers, hidden 4096, 32 heads, 2 kv groups, ffn 13696, padded vocab 65024; ~12.5 GB in bf16), then
-loads it with ``glmtune.load_model(dtype=torch.bfloat16)`` in a fresh process and prints the peak
-resident memory divided by the weight bytes (goal: <= 1.3).
+loads it with ``glmtune.load_model(dtype=torch.bfloat16)`` in a fresh process, reads every weight once,
+and prints the peak resident memory (VmHWM) and its ratio to the bytes the loaded model holds (goal for
+the float model: <= 1.3).
+
+``--quantize 4bit|8bit|int8-cpu|int8-dynamic``: ``load_model(..., quantization=MODE)``, each Linear
+weight quantized as it streams in (goal for 4bit: peak <= 5 GiB). ``--float-first`` with it: the
+path before streaming -- the float model loaded and every weight read, then ``quantize_for_inference``.
+Several modes, comma-separated, each run in its own fresh process against the same checkpoint.
 
     python benchmarks/load_memory.py [--dir /tmp/glm3-6b-random] [--layers 28] [--keep]
+    python benchmarks/load_memory.py --quantize 4bit,8bit,int8-cpu --keep
 """
 
 from __future__ import annotations
@@ -121,22 +128,47 @@ def write_checkpoint(out: Path, layers: int, shard_bytes: int = 2_000_000_000) -
 HWM = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024"
 CHILD = f"""
 import sys, time, torch, glmtune
+from glmtune.quantize import quantize_for_inference
+path, mode, float_first = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1"
 t = time.time()
-model = glmtune.load_model(sys.argv[1], dtype=torch.bfloat16)
+if mode and float_first:
+    model = glmtune.load_model(path, dtype=torch.bfloat16)
+    with torch.no_grad():  # the float model held and read whole (as the quantization before streaming did)
+        for p in model.parameters():
+            p.sum()
+    model = quantize_for_inference(model, mode)
+else:
+    model = glmtune.load_model(path, dtype=torch.bfloat16, quantization=mode)
 secs = time.time() - t
-params = sum(p.numel() * p.element_size() for p in model.parameters())
-# safetensors tensors can stay backed by the mapped file until read; read every weight once (as the
-# first forward pass would) so the peak counts all of them as resident.
+# Every tensor the model holds, quantized layers' scales included (state_dict has them), counted once.
+tensors = {{t.data_ptr(): t for t in model.state_dict().values() if t.numel()}}
+held = sum(t.numel() * t.element_size() for t in tensors.values())
+# safetensors tensors can stay backed by the mapped file until read; read every one once (as the first
+# forward pass would) so the peak counts all of them as resident.
 with torch.no_grad():
-    for p in model.parameters():
-        p.sum()
-print(params, {HWM}, secs)
+    for t in tensors.values():
+        t.sum()
+print(held, {HWM}, secs)
 """
 
 BASELINE = f"""
 import torch, glmtune  # the same imports as the measured process
+import bitsandbytes, peft  # noqa: imported by the quantized loads (peft by glmtune's adapters)
 print({HWM})
 """
+
+
+def measure(path: Path, mode: str | None, float_first: bool) -> tuple[int, int, float]:
+    """(bytes the loaded model holds, peak RSS of the load process, load seconds), in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), mode or "", "1" if float_first else "0"],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise SystemExit(f"the load process failed ({mode or 'float'}):\n{out.stderr[-3000:]}")
+    held, peak, secs = out.stdout.split()[-3:]
+    return int(held), int(peak), float(secs)
 
 
 def main() -> int:
@@ -144,6 +176,13 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/glmtune-bench/chatglm3-6b-random"))
     ap.add_argument("--layers", type=int, default=28, help="28 = the real ChatGLM3-6B depth")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    ap.add_argument(
+        "--quantize",
+        default="",
+        help="comma-separated modes (4bit, 8bit, int8-cpu, int8-dynamic), each measured in its own process; "
+        "'float' in the list measures the float load too",
+    )
+    ap.add_argument("--float-first", action="store_true", help="quantize after loading the float model")
     args = ap.parse_args()
     if not (args.dir / "config.json").exists():
         t = time.time()
@@ -152,16 +191,22 @@ def main() -> int:
     base = int(
         subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
     )
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(args.dir)], capture_output=True, text=True, check=True
-    )
-    weights, peak, secs = out.stdout.split()
-    weights, peak, secs = int(weights), int(peak), float(secs)
-    print(f"weights in the loaded model : {weights / 2**30:.2f} GiB")
-    print(f"peak RSS of the load process: {peak / 2**30:.2f} GiB (imports alone: {base / 2**30:.2f} GiB)")
-    print(f"load time                   : {secs:.1f} s")
-    print(f"peak RSS / weight bytes     : {peak / weights:.3f}  (goal <= 1.3)")
-    print(f"(peak - imports) / weights  : {(peak - base) / weights:.3f}")
+    print(f"imports alone (torch, glmtune, bitsandbytes, peft): {base / 2**30:.2f} GiB")
+    modes = [m.strip() for m in args.quantize.split(",") if m.strip()] or ["float"]
+    for mode in modes:
+        quantized = mode != "float"
+        held, peak, secs = measure(args.dir, mode if quantized else None, args.float_first and quantized)
+        how = "float first, then quantized" if args.float_first and quantized else "streamed"
+        print(f"\n{mode} ({how if quantized else 'bf16'}), {args.layers} layers:")
+        print(f"  bytes the loaded model holds : {held / 2**30:.2f} GiB")
+        print(f"  peak RSS of the load process : {peak / 2**30:.2f} GiB")
+        print(f"  load time                    : {secs:.1f} s")
+        print(
+            f"  peak RSS / model bytes       : {peak / held:.3f}" + ("" if quantized else "  (goal <= 1.3)")
+        )
+        print(f"  (peak - imports) / model     : {(peak - base) / held:.3f}")
+        if mode == "4bit":
+            print(f"  4-bit goal: peak <= 5 GiB    : {'met' if peak <= 5 * 2**30 else 'NOT met'}")
     if not args.keep:
         shutil.rmtree(args.dir)
     return 0

@@ -251,7 +251,8 @@ def _torch_info() -> TorchInfo:
     return info
 
 
-# (feature, extra to install, [(module to find, distribution to name)], needs a CUDA device)
+# (feature, extra to install, [(module to find, distribution to name)], needs a CUDA device). QLoRA and
+# 8/4-bit inference run wherever bitsandbytes does: a CUDA GPU, or the CPU (its CPU kernels).
 _FEATURES: list[tuple[str, str, list[tuple[str, str]], bool]] = [
     ("serve", "serve", [("fastapi", "fastapi"), ("uvicorn", "uvicorn")], False),
     ("web", "web", [("gradio", "gradio")], False),
@@ -262,7 +263,7 @@ _FEATURES: list[tuple[str, str, list[tuple[str, str]], bool]] = [
         False,
     ),
     ("GGUF", "gguf", [("gguf", "gguf")], False),
-    ("QLoRA", "qlora", [("bitsandbytes", "bitsandbytes")], True),
+    ("QLoRA", "qlora", [("bitsandbytes", "bitsandbytes")], False),
     ("plot", "plot", [("matplotlib", "matplotlib"), ("tensorboard", "tensorboard")], False),
     ("GLM-4 tokenizer", "glm4", [("tiktoken", "tiktoken")], False),
     ("multi-GPU (DeepSpeed)", "deepspeed", [("deepspeed", "deepspeed")], True),

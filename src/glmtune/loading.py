@@ -1,12 +1,15 @@
 """Load models, tokenizers and adapters from local folders without running the folder's code.
 
 Official ChatGLM checkpoints are streamed shard by shard, tensor by tensor, into a model whose
-parameters start on the meta device, so peak memory stays near one copy of the weights. Every
-failure names the file and the key.
+parameters start on the meta device, so peak memory stays near one copy of the weights. With a
+quantization, the Linear layers of that empty model are replaced first and each weight is quantized as
+it arrives (``glmtune.quantize.StreamQuantizer``): the float model is never held. Every failure names
+the file and the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,7 +21,14 @@ from torch import nn
 
 from .adapters import PREFIX_KEY, adapter_kind, apply_lora, init_prefix, load_prefix, ptuning_settings
 from .atomic import atomic_dir
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
+from .quantize import (
+    BNB_MODES,
+    StreamQuantizer,
+    hf_quantization_config,
+    mark_quantized,
+    quantize_for_inference,
+)
 from .resolve import ResolvedModel, resolve_model
 from .specs import GLMTUNE_GENERATION_KEY, find_gguf, read_json
 from .weights import WEIGHT_FILES, WEIGHT_INDEXES, check_folder, index_shards, iter_tensors, weight_files
@@ -27,20 +37,30 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- assignment
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: Path) -> None:
+def _owner(model: nn.Module, name: str, source: Path) -> tuple[nn.Module, str]:
+    """The module a weight name belongs to, and the attribute."""
     module_name, _, attr = name.rpartition(".")
     try:
-        module = model.get_submodule(module_name) if module_name else model
+        return (model.get_submodule(module_name) if module_name else model), attr
     except AttributeError:
         raise ModelLoadError(f"{source}: unexpected weight {name!r} (no such module in the model)") from None
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: Path) -> None:
+    module, attr = _owner(model, name, source)
     if attr in module._parameters:
         current = module._parameters[attr]
-        if current is None or tuple(current.shape) != tuple(tensor.shape):
+        # A ZeRO-3 partitioned parameter holds an empty tensor; ds_shape is its full shape.
+        shape = getattr(current, "ds_shape", None) or (current.shape if current is not None else None)
+        if current is None or tuple(shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(current.shape) if current is not None else None} (config.json does not match the weights)"
+                f"{tuple(shape) if current is not None else None} (config.json does not match the weights)"
             )
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad)
+        if hasattr(current, "ds_id"):
+            _load_partitioned(current, tensor)
+        else:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad)
     elif attr in module._buffers:
         module._buffers[attr] = tensor
     else:
@@ -55,10 +75,13 @@ def stream_into(
     skip: Callable[[str], bool] = lambda name: False,
     keep_fp32: Callable[[str], bool] = lambda name: False,
     inspect: Callable[[Path, str, torch.Tensor], None] | None = None,
+    quantizer: StreamQuantizer | None = None,
 ) -> set[str]:
     """Read every tensor of ``files``, map its name, cast floats to ``dtype``, put it into ``model``.
 
     ``inspect(file, key, tensor)`` sees every stored tensor as read, skipped ones included.
+    ``quantizer`` (its ``prepare`` already run on ``model``) takes the weights of its quantized layers as
+    they arrive, uncast: each is quantized and dropped before the next tensor is read.
     """
     loaded: set[str] = set()
     for file in files:
@@ -68,17 +91,28 @@ def stream_into(
             for name, t in mapper(key, tensor) if not skip(key) else []:
                 if name in loaded:
                     raise ModelLoadError(f"{file}: weight {name!r} appears twice")
+                loaded.add(name)
+                if quantizer is not None and quantizer.load(_owner(model, name, file)[0], name, t, file):
+                    continue
                 if t.is_floating_point():
                     t = t.to(torch.float32 if keep_fp32(name) else dtype)
                 _set_tensor(model, name, t, file)
-                loaded.add(name)
     return loaded
 
 
 def _check_missing(
-    model: nn.Module, path: Path, allowed_missing: Callable[[str], bool] = lambda n: False
+    model: nn.Module,
+    path: Path,
+    allowed_missing: Callable[[str], bool] = lambda n: False,
+    quantizer: StreamQuantizer | None = None,
 ) -> None:
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not allowed_missing(n)]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if (p.is_meta or (hasattr(p, "ds_id") and not getattr(p, _ZERO3_LOADED, False)))
+        and not allowed_missing(n)
+    ]
+    missing += [n for n in (quantizer.pending(model) if quantizer else ()) if not allowed_missing(n)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
@@ -212,7 +246,7 @@ def _hf_meta_params(path: Path, trust_remote_code: bool) -> int:
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
+        with torch.device("meta"), _outside_zero3():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:
         return 0
@@ -222,9 +256,65 @@ def _hf_meta_params(path: Path, trust_remote_code: bool) -> int:
 def _empty_model(cls, config) -> nn.Module:
     from accelerate import init_empty_weights
 
+    if _zero3():
+        return _zero3_model(cls, config)
     # Parameters on the meta device (no memory); buffers such as rotary tables are real.
     with init_empty_weights(include_buffers=False):
         return cls(config)
+
+
+# -------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+# Under ZeRO-3 (a live HfDeepSpeedConfig: the Trainer's TrainingArguments with a ZeRO-3 config, or
+# accelerate's DeepSpeed plugin with zero3_init_flag) the official-layout readers build the model
+# already partitioned across the ranks and load each tensor into its partition, as transformers'
+# from_pretrained does for its own models: no rank ever holds the whole model.
+_ZERO3_LOADED = "_glmtune_loaded"  # set on a partitioned parameter once its tensor is in
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _zero3_model(cls, config) -> nn.Module:
+    """``cls(config)`` built under ``deepspeed.zero.Init``: each parameter is partitioned as it is made
+    (this rank keeps 1/world of it), with transformers' weight init skipped (every weight is loaded)."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+
+    # prevent_arange_dtype_change must come before zero.Init (rotary tables keep their dtype).
+    with no_init_weights(), prevent_arange_dtype_change():
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+            return cls(config)
+
+
+def _outside_zero3():
+    """A context in which transformers builds models as without ZeRO-3: under ZeRO-3 ``from_config``
+    would build a partitioned, randomly initialised model (collectively), not a meta-device one.
+    transformers' own flag for "zero.Init already entered" (its nested from_pretrained calls use it)."""
+    if not _zero3():
+        return contextlib.nullcontext()
+    from transformers.modeling_utils import set_zero3_state
+
+    return set_zero3_state()
+
+
+def _load_partitioned(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """Copy ``tensor`` (the full weight, read by every rank) into a ZeRO-3 partitioned ``param``.
+
+    DeepSpeed's pattern (``GatheredParameters`` docs, transformers' ``_load_state_dict_into_zero3_model``):
+    the parameter is gathered whole for the moment, rank 0 writes it, and on leaving the block rank 0's
+    copy is broadcast and re-partitioned. Collective: every rank loads the same tensors in the same order.
+    """
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        if deepspeed.comm.get_rank() == 0:
+            with torch.no_grad():
+                param.data.copy_(tensor)
+    setattr(param, _ZERO3_LOADED, True)
 
 
 def _tie_if_needed(model: nn.Module) -> None:
@@ -233,7 +323,13 @@ def _tie_if_needed(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------- models
-def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
+def _load_glm_official(
+    path: Path,
+    cfg: dict,
+    dtype: torch.dtype,
+    ptuning: tuple[int, bool] | None,
+    quantizer: StreamQuantizer | None = None,
+):
     from transformers import GlmForCausalLM
 
     from .models.glm_official import glm_config_from_official, official_to_native
@@ -261,6 +357,8 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
         config.pre_seq_len, config.prefix_projection = ptuning
         cls = GlmPrefixForCausalLM
     model = _empty_model(cls, config)
+    if quantizer is not None:
+        quantizer.prepare(model)
     stream_into(
         model,
         files,
@@ -268,12 +366,24 @@ def _load_glm_official(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple
         dtype,
         skip=lambda k: k.startswith(PREFIX_KEY) and not own_prefix,
         keep_fp32=lambda n: n.startswith("prefix_encoder."),
+        quantizer=quantizer,
     )
-    _check_missing(model, path, allowed_missing=lambda n: not own_prefix and n.startswith("prefix_encoder."))
+    _check_missing(
+        model,
+        path,
+        allowed_missing=lambda n: not own_prefix and n.startswith("prefix_encoder."),
+        quantizer=quantizer,
+    )
     return model
 
 
-def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[int, bool] | None):
+def _load_chatglm_v1(
+    path: Path,
+    cfg: dict,
+    dtype: torch.dtype,
+    ptuning: tuple[int, bool] | None,
+    quantizer: StreamQuantizer | None = None,
+):
     from .models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 
     config_file = path / "config.json"
@@ -291,6 +401,8 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
     if ptuning:
         config.pre_seq_len, config.prefix_projection = ptuning
     model = _empty_model(ChatGLMv1ForCausalLM, config)
+    if quantizer is not None:
+        quantizer.prepare(model)
     tied = getattr(config, "tie_word_embeddings", True)
     stream_into(
         model,
@@ -305,9 +417,12 @@ def _load_chatglm_v1(path: Path, cfg: dict, dtype: torch.dtype, ptuning: tuple[i
         ),
         keep_fp32=lambda n: n.startswith(PREFIX_KEY),
         inspect=_TiedHeadCheck() if tied else None,
+        quantizer=quantizer,
     )
     _tie_if_needed(model)
-    _check_missing(model, path, allowed_missing=lambda n: not own_prefix and ".prefix_encoder." in n)
+    _check_missing(
+        model, path, allowed_missing=lambda n: not own_prefix and ".prefix_encoder." in n, quantizer=quantizer
+    )
     return model
 
 
@@ -355,7 +470,8 @@ class _TiedHeadCheck:
         )
 
 
-# ModelSpec.loader -> reader of that official layout: (folder, config.json, dtype, P-Tuning settings).
+# ModelSpec.loader -> reader of that official layout: (folder, config.json, dtype, P-Tuning settings,
+# StreamQuantizer or None).
 _OFFICIAL_LOADERS: dict[str, Callable] = {
     "chatglm_v1": _load_chatglm_v1,
     "glm_official": _load_glm_official,
@@ -400,13 +516,59 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     return out
 
 
-def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _stream_hf(path: Path, files: list[Path], dtype: torch.dtype, trust_remote_code: bool, quantizer):
+    """A transformers folder streamed as the official layouts are, each Linear weight quantized as it
+    arrives; None when its safetensors names are not exactly the model's own (renamed or fused weights,
+    .bin files, a class transformers builds differently): transformers loads those.
+
+    Written by hand because transformers' own quantized loading keeps every tensor it read mapped and
+    resident to the end of the load (and after it: the float layers still view the mapping): measured
+    on the CPU, it held more than the float model at its peak.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        stored: set[str] = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                stored.update(h.keys())
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
+        return None  # transformers' from_pretrained reports what is wrong
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    expected = set(model.state_dict())
+    if not stored <= expected or not expected - stored <= set(tied):
+        return None
+    quantizer.prepare(model)
+    stream_into(model, files, lambda k, t: [(k, t)], dtype, quantizer=quantizer)
+    if tied:
+        model.tie_weights()
+    _check_missing(model, path, quantizer=quantizer)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model
+
+
+def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool, quantizer=None, device=None):
+    """(model, how): "float"; "streamed" (``quantizer`` quantized each Linear weight as it arrived, see
+    _stream_hf); or "transformers" (not streamable: transformers' BitsAndBytesConfig loading quantized it,
+    on ``device``). An int8 mode that could not stream comes back "float", to be quantized after."""
     from transformers import AutoModelForCausalLM
 
     gguf = find_gguf(path)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    files: list[Path] = []
     if gguf is not None:
-        path = gguf_as_hf_folder(gguf)
+        path = gguf_as_hf_folder(gguf)  # glmtune's own conversion: its weights need no checks
+        files = [
+            f for index in WEIGHT_INDEXES if (path / index).exists() for f in index_shards(path, path / index)
+        ] or [path / n for n in WEIGHT_FILES if (path / n).exists()]
     else:
         cfg = read_json(path / "config.json")
         # transformers joins the index's shard names to the folder as they are: "../x.safetensors"
@@ -432,6 +594,18 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
             _check_size(path / "config.json", lambda: _hf_params(cfg), files)
             _check_layers(path / "config.json", _hf_layers(cfg), files)
             _check_size(path / "config.json", lambda: _hf_meta_params(path, trust_remote_code), files)
+    how = "float"
+    if quantizer is not None:
+        streamed = _stream_hf(path, files, dtype, trust_remote_code, quantizer)
+        if streamed is not None:
+            return streamed, "streamed"
+        hf_config = hf_quantization_config(quantizer.mode, dtype)
+        if hf_config is not None:
+            log.info(
+                "%s: weight names differ from the model's; transformers quantizes it while loading", path
+            )
+            kwargs.update(quantization_config=hf_config, device_map={"": device or "cpu"})
+            how = "transformers"
     from huggingface_hub.errors import StrictDataclassError
 
     try:
@@ -459,7 +633,7 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelLoadError(f"{path}: weights missing from the checkpoint: {shown}")
-    return model
+    return model, how
 
 
 def load_model(
@@ -472,16 +646,21 @@ def load_model(
     generation: str | None = None,
     prefix: tuple[int, bool] | None = None,
     trainable_adapter: bool = False,
+    quantization: str | None = None,
 ):
-    """Load a causal LM, optionally with a LoRA / P-Tuning adapter.
+    """Load a causal LM, optionally with a LoRA / P-Tuning adapter, optionally quantized.
 
-    ``model`` is a :class:`ResolvedModel` (its adapter, dtype, device and generation are used and the
-    keyword arguments of the same names are ignored), or a folder / GGUF file / "default" / hub id,
+    ``model`` is a :class:`ResolvedModel` (its adapter, dtype, device, quantization and generation are used
+    and the keyword arguments of the same names are ignored), or a folder / GGUF file / "default" / hub id,
     resolved here with those keyword arguments (dtype/device None: the machine's defaults, float32 on the
     CPU). Returns a transformers ``PreTrainedModel`` in eval mode; ``model.config.glmtune_generation``
     names the ModelSpec entry it was loaded with.
     ``prefix=(pre_seq_len, prefix_projection)`` adds a freshly initialised P-Tuning v2 prefix encoder (to
     train one); ``trainable_adapter`` loads a LoRA adapter with its weights trainable (to continue).
+    ``quantization`` (``glmtune.quantize.MODES``: int8-cpu, int8-dynamic, 8bit, 4bit) quantizes every Linear
+    layer but the output layer and a P-Tuning prefix encoder as its weight streams in, in the model's dtype
+    (the compute dtype): the float model is never held (except int8-cpu / int8-dynamic of a transformers
+    folder, or under a LoRA adapter: loaded in float, merged, then quantized).
     """
     ref = resolve_model(
         model,
@@ -489,6 +668,7 @@ def load_model(
         adapter=adapter,
         dtype=dtype,
         device=device,
+        quantization=quantization,
         trust_remote_code=trust_remote_code,
     )
     path, spec, adapter = ref.path, ref.spec, ref.adapter
@@ -503,19 +683,46 @@ def load_model(
     ptuning = ptuning_settings(adapter) if kind == "ptuning" else prefix
     if ptuning and not spec.supports_ptuning:
         raise ModelLoadError(f"P-Tuning v2 is not supported for {spec.name} models ({path})")
+    if ptuning and _zero3():
+        raise ModelLoadError(
+            f"{adapter or path}: P-Tuning v2 does not run under DeepSpeed ZeRO-3 (its prefix encoder is made "
+            "and loaded outside the partitioned model); use DDP or ZeRO-2 (configs/accelerate/ddp.yaml, "
+            "configs/accelerate/deepspeed_zero2.yaml)"
+        )
 
     cfg = dict(ref.config)
     # The spec names how its official layout is read; any other folder (a native -hf export, a GGUF
     # file) goes through transformers.
     layout = spec.loader if spec.is_official_folder(cfg) else "hf"
+    # Quantized while streaming (the quantizer), by transformers while loading (a transformers folder whose
+    # weight names are not the model's), or, where neither applies, after loading in float (quantize_after).
+    quantizer = quantize_after = None
+    placed = False  # transformers placed the model it quantized (device_map)
+    dtype = ref.dtype
+    if ref.quantization:
+        if _zero3():
+            raise ConfigError(
+                f"quantization {ref.quantization}: not supported under DeepSpeed ZeRO-3 (partitioned weights); "
+                "use DDP or ZeRO-2"
+            )
+        quantizer = StreamQuantizer(ref.quantization, compute_dtype=ref.dtype, device=ref.device)
+        dtype = quantizer.compute_dtype
+        # peft has no LoRA layer over glmtune's int8 layers: such an adapter is merged in float first.
+        if kind == "lora" and quantizer.mode not in BNB_MODES:
+            quantizer, quantize_after = None, quantizer.mode
     if layout == "hf":
         if ptuning:
             raise ModelLoadError(
                 f"{adapter}: P-Tuning v2 checkpoints apply to official-format ChatGLM folders only"
             )
-        loaded = _load_hf(path, ref.dtype, ref.trust_remote_code)
+        loaded, how = _load_hf(path, dtype, ref.trust_remote_code, quantizer, ref.device)
+        placed = how == "transformers"
+        if quantizer is not None and how == "float":
+            quantizer, quantize_after = None, quantizer.mode
     else:
-        loaded = _OFFICIAL_LOADERS[layout](path, cfg, ref.dtype, ptuning)
+        loaded = _OFFICIAL_LOADERS[layout](path, cfg, dtype, ptuning, quantizer)
+    if quantizer is not None:  # before peft wraps it: it picks its layers by it
+        mark_quantized(loaded, ref.quantization)
     if kind == "ptuning":
         load_prefix(loaded, adapter)
     elif ptuning:
@@ -523,7 +730,12 @@ def load_model(
     setattr(loaded.config, GLMTUNE_GENERATION_KEY, spec.name)
     if kind == "lora":
         loaded = apply_lora(loaded, adapter, spec, is_trainable=trainable_adapter)
-    loaded.to(ref.device)
+    if quantize_after:
+        loaded = quantize_for_inference(loaded, quantize_after, compute_dtype=dtype)
+    # ZeRO-3 parameters are partitions already placed by DeepSpeed; transformers placed a model it
+    # quantized (device_map).
+    if not _zero3() and not placed:
+        loaded.to(ref.device)
     loaded.eval()
     return loaded
 

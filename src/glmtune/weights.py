@@ -6,6 +6,7 @@ weights through it, so none of them needs another.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -16,6 +17,30 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .specs import read_json
+
+# bitsandbytes (0.49+) on a CPU with AVX512-BF16 asks the Hugging Face Hub, when it is imported, for an
+# optional fused 4-bit CPU kernel (the kernels package fetching kernels-community/quantization-bitsandbytes)
+# and, when it can't have it (offline, or the publisher can't be verified), logs a warning and uses the
+# 4-bit CPU kernel it ships instead (the Hub one is an optional faster path). peft imports bitsandbytes whenever it is
+# installed, so every LoRA run would print it. Neither bitsandbytes 0.50 nor kernels 0.19 has a setting
+# that skips the lookup (HF_HUB_OFFLINE=1 stops the request, but then both warn that the kernel is not
+# cached), and glmtune does not pass trust_remote_code to it. These two records become debug messages.
+_BNB_KERNEL_LOOKUP = (
+    "kernels-community/quantization-bitsandbytes",
+    "gemm_4bit_forward from kernels-community",
+)
+
+
+class _KernelLookupToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno == logging.WARNING and any(text in message for text in _BNB_KERNEL_LOOKUP):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).addFilter(_KernelLookupToDebug())
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -69,10 +94,19 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
+        # Each tensor through its own handle: safe_open maps the whole file and every tensor read from it
+        # keeps that mapping, so with one handle the pages of every tensor read stay resident until the
+        # whole file is done, even those of tensors already dropped (a weight quantized as it arrived, a
+        # skipped or converted one): up to a shard (~2 GB) more peak memory. A tensor's own handle
+        # unmaps when the tensor is dropped. Opening reads only the header (microseconds).
         try:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:
+                with safe_open(str(file), framework="pt") as f:
+                    tensor = f.get_tensor(key)
+                yield key, tensor
+                del tensor  # not held here while the next one is read
         except SafetensorError as e:
             raise ModelLoadError(f"{file}: corrupt safetensors file ({e})") from None
         return

@@ -1,5 +1,10 @@
 """Fine-tuning methods: one registry (lora, ptuning_v2, full; QLoRA = lora on a quantized base).
 
+A quantized base (``model.quantization`` 4bit/8bit, CUDA or CPU) is loaded quantized by ``load_model`` (the
+Linear layers of ``glmtune.quantize.replace_linears``, the ones inference uses too); :func:`prepare_quantized`
+readies it for training; lora and ptuning_v2 then train over it (the output layer and the prefix encoder
+stay float).
+
 Each method knows how to make a loaded model trainable and how to save what it trained:
 - lora: peft LoRA; saved in peft's adapter format (``PeftModel.from_pretrained`` loads it).
 - ptuning_v2: only the float32 prefix encoder trains; saved in the official ChatGLM layout
@@ -19,6 +24,8 @@ from torch import nn
 
 from ..adapters import PREFIX_KEY, prefix_encoder_of
 from ..errors import ConfigError
+from ..method_names import METHOD_DESCRIPTIONS
+from ..quantize import check_mode
 from ..specs import ModelSpec
 
 
@@ -126,10 +133,12 @@ class Full(Method):
         model.save_pretrained(str(out_dir), state_dict=state_dict)
 
 
+# The class of each method named in glmtune.method_names (the one list of names and descriptions, which
+# the config's method.name takes too); a name without a class here fails at import.
+_CLASSES: dict[str, type[Method]] = {"lora": LoRA, "ptuning_v2": PTuningV2, "full": Full}
+
 METHODS: dict[str, Method] = {
-    "lora": LoRA("lora", "LoRA adapters through peft (QLoRA with model.quantization 4bit/8bit)"),
-    "ptuning_v2": PTuningV2("ptuning_v2", "P-Tuning v2 prefix encoder, official ChatGLM checkpoint layout"),
-    "full": Full("full", "full fine-tuning, optionally only the last N layers"),
+    name: _CLASSES[name](name, description) for name, description in METHOD_DESCRIPTIONS.items()
 }
 
 
@@ -144,68 +153,41 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
     total = trainable = 0
     for p in model.parameters():
-        total += p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter: its whole size
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 
 def check_quantization(quantization: str) -> None:
-    """Fail before any weight is read when QLoRA can't run here."""
+    """Fail before any weight is read when QLoRA can't run here (bitsandbytes missing); CUDA or the CPU."""
     if quantization in (None, "none"):
         return
     if quantization not in ("4bit", "8bit"):
         raise ConfigError(f"model.quantization={quantization!r}: expected none, 8bit or 4bit")
     try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            f"model.quantization={quantization} needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU"
-        ) from None
-    if not torch.cuda.is_available():
-        raise ConfigError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes k-bit layers)")
+        check_mode(quantization)
+    except ConfigError as e:
+        raise ConfigError(f"model.quantization={quantization}: {e}") from None
 
 
-def quantize_linears(model: nn.Module, bits: int, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every nn.Linear except the output layer by a bitsandbytes k-bit layer, on the GPU.
-
-    The official-format loader builds plain modules; this turns them into the layers QLoRA trains over
-    (nf4 with double quantization for 4 bits, LLM.int8 for 8 bits). Quantization happens when the
-    layer moves to CUDA.
+def prepare_quantized(model: nn.Module) -> nn.Module:
+    """Make a model loaded quantized (``load_model(..., quantization=4bit|8bit)``, the layers of
+    ``glmtune.quantize.replace_linears``) ready to train adapters over: peft's k-bit set-up (every base
+    weight frozen, the float ones in float32); parameters that were trainable (a LoRA adapter being
+    continued) stay trainable.
     """
-    import bitsandbytes as bnb
-
-    output = model.get_output_embeddings()
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child is output:
-                continue
-            if bits == 4:
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=compute_dtype,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.to(compute_dtype),
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-            else:
-                q = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
-                )
-                q.weight = bnb.nn.Int8Params(
-                    child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
-                )
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(module, child_name, q)
-    model.to("cuda")
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in trainable:
+        p.requires_grad_(True)
+    for module in model.modules():
+        # bitsandbytes' 4-bit layers repack their weight for a fused CPU kernel at their first forward in
+        # eval mode without gradients (an evaluation between training steps), and that kernel has no
+        # backward: the next training step would fail. Training keeps the layout that has one.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
