@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import add_generation_arg, add_loading_args, loading_kwargs, model_path
+from .cli_args import add_generation_arg, add_loading_args, add_template_arg, loading_kwargs, model_path
 from .errors import GlmtuneError
 
 
@@ -155,6 +155,7 @@ def cmd_export(args) -> int:
         overwrite=args.overwrite,
         generation=args.generation,
         dtype=args.dtype,
+        template=args.template,
         printer=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(f"exported to {out}")
@@ -194,6 +195,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import report
+
+    text, fits = report(
+        load_config(args.config, args.overrides),
+        serve=args.serve,
+        device=args.device,
+        memory=args.memory,
+        as_json=args.json,
+    )
+    print(text)
+    return 1 if fits is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--help-config", action="store_true", help="list every config key with its type, default and help"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "plan",
+        help="predicted peak memory of a config (training, or --serve), before any weight is read",
+        description="Predict the peak memory of glmtune train CONFIG (or of serving its model with --serve) "
+        "from the model's config.json alone: weights, trainable parameters, gradients, optimizer states, "
+        "activations, logits, KV cache; whether it fits a device; what to change if not. Exit status 1 "
+        "when it does not fit.",
+    )
+    p.add_argument("config", help="run config YAML (as for glmtune train)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
+    p.add_argument(
+        "--serve", action="store_true", help="plan generation with train.batch_size sequences instead"
+    )
+    p.add_argument("--device", help="cuda, cuda:N or cpu: fit its memory (and assume its kernels)")
+    p.add_argument(
+        "--memory", help="fit this much memory, e.g. 24GiB or 80GB (a CUDA GPU unless --device cpu)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="eval loss, ROUGE/BLEU and task metrics; --compare-base for before/after")
     p.add_argument("target", help="run folder, run config YAML, or model folder ('default' = embedded model)")
@@ -266,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the written weights; the LoRA update is merged in it (default: the base checkpoint's)",
     )
     add_generation_arg(p)
+    add_template_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 

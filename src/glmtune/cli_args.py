@@ -106,8 +106,8 @@ def add_loading_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         choices=["none", "int8-cpu", "int8-dynamic", "8bit", "4bit"],
-        help="quantized inference: int8 on the CPU, or bitsandbytes 8/4-bit on a CUDA GPU "
-        "(default: a run's model.quantization, else none)",
+        help="quantized inference, each weight quantized as it loads: int8, or bitsandbytes 8/4-bit on a "
+        "CUDA GPU or the CPU (default: a run's model.quantization, else none)",
     )
     p.add_argument(
         "--trust-remote-code",

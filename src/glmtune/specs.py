@@ -59,6 +59,10 @@ class ModelSpec:
     # training logs with eval.predict_with_generate: "chatglm6b" (ChatGLM-6B / ChatGLM2-6B ptuning/main.py,
     # BLEU-4 on characters) or "chatglm3" (ChatGLM3 finetune_demo, BLEU-4 on words).
     rouge_bleu_definition: str = "chatglm3"
+    # How a decoder layer keeps activations for the backward pass (glmtune.plan's memory estimate):
+    # "gated" (RMSNorm, grouped-query attention, SwiGLU MLP: transformers' GlmForCausalLM and Llama-like
+    # models) or "chatglm_v1" (LayerNorm, fused QKV with 2D rotary, prefix-LM mask, GELU MLP).
+    activation_layout: str = "gated"
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end a reply: eos first, then ``extra_stop_tokens`` the vocabulary knows."""
@@ -99,6 +103,7 @@ REGISTRY: dict[str, ModelSpec] = {
         has_transformers_class=False,
         supports_packing=False,  # 2D positions and prefix-LM attention cannot be restarted per example
         rouge_bleu_definition="chatglm6b",
+        activation_layout="chatglm_v1",
     ),
     "chatglm2": ModelSpec(
         name="chatglm2",
