@@ -133,7 +133,8 @@ def test_doctor_json_reports_real_version_and_metadata_range(capsys):
     assert entry["status"] == (doctor.OK if inside else doctor.OUTSIDE)
 
     untested = {p["name"]: p for p in data["packages"] if not p["covered_by_tests"]}
-    assert {"bitsandbytes", "deepspeed", "vllm"} <= set(untested)
+    # vLLM is never installed by the suite (a floor only); bitsandbytes and deepspeed are, on the CPU.
+    assert "vllm" in untested and not {"bitsandbytes", "deepspeed"} & set(untested)
     assert isinstance(data["torch"]["version"], str) and isinstance(data["ok"], bool)
 
 

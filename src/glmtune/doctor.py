@@ -46,7 +46,7 @@ UNTESTED = "untested"
 _SKIPPED_EXTRAS = {"dev"}
 
 # Operators that cap a range from above; an optional requirement without one is a floor only, which
-# this project writes for packages CI never installs (see the qlora/deepspeed/vllm extras).
+# this project writes for packages CI never installs (see the vllm extra).
 _UPPER_BOUND_OPS = {"<", "<=", "==", "~=", "==="}
 
 # The checkout's exact locked set sits next to ``src/`` in an editable install; it is not in the wheel.
