@@ -76,3 +76,15 @@ def test_predict_reports_rows_not_batches(monkeypatch, capsys, progress):
         assert re.findall(r"scoring: (\d)/5 rows", err) == ["2", "4", "5", "5"]
     else:
         assert err == ""
+
+
+def test_model_loading_reports_mib_read(tmp_path, monkeypatch, capsys):
+    import glmtune
+    from glmtune.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "chatglm3")
+    monkeypatch.setenv("GLMTUNE_PROGRESS_INTERVAL", "0")
+    glmtune.load_model(path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loading weights:")]
+    size_mib = max(1, sum(f.stat().st_size for f in path.glob("*.safetensors")) >> 20)
+    assert lines and lines[-1].startswith(f"loading weights: {size_mib}/{size_mib} MiB (100%), done in")

@@ -83,21 +83,38 @@ def stream_into(
     ``quantizer`` (its ``prepare`` already run on ``model``) takes the weights of its quantized layers as
     they arrive, uncast: each is quantized and dropped before the next tensor is read.
     """
+    from .progress import Progress
+
     loaded: set[str] = set()
-    for file in files:
-        for key, tensor in iter_tensors(file):
-            if inspect is not None:
-                inspect(file, key, tensor)
-            for name, t in mapper(key, tensor) if not skip(key) else []:
-                if name in loaded:
-                    raise ModelLoadError(f"{file}: weight {name!r} appears twice")
-                loaded.add(name)
-                if quantizer is not None and quantizer.load(_owner(model, name, file)[0], name, t, file):
-                    continue
-                if t.is_floating_point():
-                    t = t.to(torch.float32 if keep_fp32(name) else dtype)
-                _set_tensor(model, name, t, file)
+    # Progress in MiB read of the files' total (a count and an ETA on stderr for a long load).
+    total_mib = max(1, sum(f.stat().st_size for f in files) >> 20)
+    read = shown = 0
+    with Progress(total_mib, "loading weights", "MiB") as bar:
+        for file in files:
+            for key, tensor in iter_tensors(file):
+                read += tensor.numel() * tensor.element_size()
+                bar.update(min(read >> 20, total_mib) - shown)
+                shown = min(read >> 20, total_mib)
+                _stream_one(
+                    model, file, key, tensor, mapper, dtype, skip, keep_fp32, inspect, quantizer, loaded
+                )
+        bar.update(total_mib - shown)  # every file read (headers and rounding are not counted above)
     return loaded
+
+
+def _stream_one(model, file, key, tensor, mapper, dtype, skip, keep_fp32, inspect, quantizer, loaded) -> None:
+    """One stored tensor into ``model`` (see :func:`stream_into`)."""
+    if inspect is not None:
+        inspect(file, key, tensor)
+    for name, t in mapper(key, tensor) if not skip(key) else []:
+        if name in loaded:
+            raise ModelLoadError(f"{file}: weight {name!r} appears twice")
+        loaded.add(name)
+        if quantizer is not None and quantizer.load(_owner(model, name, file)[0], name, t, file):
+            continue
+        if t.is_floating_point():
+            t = t.to(torch.float32 if keep_fp32(name) else dtype)
+        _set_tensor(model, name, t, file)
 
 
 def _check_missing(

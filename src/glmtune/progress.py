@@ -71,7 +71,7 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if self.enabled and now - self._last >= self.interval and now - self._start >= self.quiet_below:
+        if n and self.enabled and now - self._last >= self.interval and now - self._start >= self.quiet_below:
             self._print(now)
 
     def close(self) -> None:
