@@ -219,8 +219,9 @@ def test_tiny_lora_after_a_failing_stage_in_process(check, tmp_path):
     assert report["device"].startswith("CPU") and not any((tmp_path / "w").iterdir())  # scratch removed
 
 
-@pytest.mark.slow
 def test_tiny_gpu_check_runs_every_stage(check, tmp_path):
+    """The whole script as the GPU machine runs it, shrunk (`--tiny`, CPU): about a minute, so in the
+    default suite (issue #13: the GPU check is proven on every run)."""
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
