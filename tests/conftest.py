@@ -16,6 +16,18 @@ SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 
 
 # A tiny classification task (instruction + input -> JSON label list) several tests train and score on.
+# Eight short rows in Chinese, English and code (the distributed and multi-process training tests).
+MIXED_ROWS = [
+    {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手。"},
+    {"context": "Hello world!", "target": "The quick brown fox jumps over the lazy dog."},
+    {"context": "今天天气不错。", "target": "我们去公园散步吧。"},
+    {"context": "机器学习是什么？", "target": "机器学习是人工智能的一个分支。"},
+    {"context": "def add(a, b):", "target": "return a + b"},
+    {"context": "水果 蔬菜 电脑", "target": "手机 衣服 书籍"},
+    {"context": "请抽取三元组。", "target": '{"subject": "北京", "object": "中国"}'},
+    {"context": "Instruction: classify the comment.", "target": "the apples are fresh and sweet."},
+]
+
 CLASSIFY_ROWS = [
     {"context": "Instruction: 分类\nInput: 苹果很甜\nAnswer: ", "target": '["水果"]'},
     {"context": "Instruction: 分类\nInput: 电脑很快\nAnswer: ", "target": '["电脑"]'},

@@ -15,16 +15,7 @@ from safetensors.torch import load_file
 import glmtune
 from glmtune.testing import make_tiny_model
 
-ROWS = [
-    {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手。"},
-    {"context": "Hello world!", "target": "The quick brown fox jumps over the lazy dog."},
-    {"context": "今天天气不错。", "target": "我们去公园散步吧。"},
-    {"context": "机器学习是什么？", "target": "机器学习是人工智能的一个分支。"},
-    {"context": "def add(a, b):", "target": "return a + b"},
-    {"context": "水果 蔬菜 电脑", "target": "手机 衣服 书籍"},
-    {"context": "请抽取三元组。", "target": '{"subject": "北京", "object": "中国"}'},
-    {"context": "Instruction: classify the comment.", "target": "the apples are fresh and sweet."},
-]
+from conftest import MIXED_ROWS as ROWS
 
 
 @pytest.mark.skipif(
