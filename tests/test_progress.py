@@ -28,7 +28,6 @@ def test_plain_lines_carry_count_percent_and_eta():
         ("2", "50"),
         ("3", "75"),
         ("4", "100"),
-        ("4", "100"),
     ]
     assert all("ETA" in line for line in lines[:3])
     assert lines[-1].endswith(tuple(f"done in 00:0{i}" for i in range(10)))
@@ -73,7 +72,7 @@ def test_predict_reports_rows_not_batches(monkeypatch, capsys, progress):
     assert outputs == [f"Q{i}" for i in range(5)]
     err = capsys.readouterr().err
     if progress:
-        assert re.findall(r"scoring: (\d)/5 rows", err) == ["2", "4", "5", "5"]
+        assert re.findall(r"scoring: (\d)/5 rows", err) == ["2", "4", "5"]
     else:
         assert err == ""
 

@@ -71,7 +71,14 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if n and self.enabled and now - self._last >= self.interval and now - self._start >= self.quiet_below:
+        finished = self.total is not None and self.n >= self.total  # close() prints the closing line
+        if (
+            n
+            and not finished
+            and self.enabled
+            and now - self._last >= self.interval
+            and now - self._start >= self.quiet_below
+        ):
             self._print(now)
 
     def close(self) -> None:
