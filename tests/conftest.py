@@ -15,6 +15,43 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 
 
+# A ChatML-like template over role markers the donor (tiny GLM-4) tokenizer already has as special tokens.
+HF_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tiny_hf(out: Path, donor: Path, chat_template: str | None = HF_CHAT_TEMPLATE) -> Path:
+    """A tiny LlamaForCausalLM folder (generation "hf": 2 layers, hidden 64) with the byte-level BPE
+    tokenizer of ``donor`` (a tiny GLM-4 folder) and ``chat_template`` (None: the tokenizer has none)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(donor / "tokenizer.json"),
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
 # A tiny classification task (instruction + input -> JSON label list) several tests train and score on.
 # Eight short rows in Chinese, English and code (the distributed and multi-process training tests).
 MIXED_ROWS = [

@@ -19,6 +19,8 @@ from glmtune.testing import make_tiny_model
 from glmtune.train import train
 from glmtune.train.trainer import GlmtuneTrainer
 
+from conftest import make_tiny_hf
+
 bnb = pytest.importorskip("bitsandbytes")
 
 ROW = {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手，可以回答问题、写作和翻译。"}
@@ -124,31 +126,12 @@ def test_qlora_4bit_trains_and_the_adapter_reloads(tiny, tmp_path, held):
 
 def test_qlora_8bit_on_a_transformers_model(tmp_path, held):
     """A transformers folder: transformers' BitsAndBytesConfig loading on the CPU, LoRA over LLM.int8."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    donor = make_tiny_model(tmp_path / "glm4", "glm4")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(donor / "tokenizer.json"),
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+    hf = make_tiny_hf(
+        tmp_path / "hf",
+        make_tiny_model(tmp_path / "glm4", "glm4"),
         chat_template="{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
     )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    hf = tmp_path / "hf"
-    LlamaForCausalLM(config).save_pretrained(str(hf))
-    tok.save_pretrained(str(hf))
     result, final = _run(hf, tmp_path, "lora", "8bit", 2e-2)
     losses = result["losses"]
     assert losses[-1] < losses[0] - 0.1, losses

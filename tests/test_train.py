@@ -28,7 +28,7 @@ from glmtune.train import train
 from glmtune.train.methods import LoRA
 from glmtune.train.trainer import STAGING, GlmtuneTrainer, TrainingDiverged
 
-from conftest import shared_path
+from conftest import make_tiny_hf, shared_path
 
 # One example (a "repeated batch" when every row is this one) and a few distinct ones.
 ROW = {"context": "你好，请介绍一下你自己。", "target": "我是一个人工智能助手，可以回答问题、写作和翻译。"}
@@ -43,43 +43,8 @@ ROWS = [
     {"context": "请抽取三元组。", "target": '{"subject": "北京", "predicate": "位于", "object": "中国"}'},
 ]
 
-# A ChatML-like template over role markers the donor (tiny GLM-4) tokenizer already has as special tokens.
-HF_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
 
 # --------------------------------------------------------------------------------------------- helpers
-def make_tiny_hf(out: Path, donor: Path) -> Path:
-    """A tiny LlamaForCausalLM folder with a tokenizer that has a chat template (generation "hf")."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(donor / "tokenizer.json"),
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        chat_template=HF_CHAT_TEMPLATE,
-    )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """models(generation) -> a tiny model folder, built once per session on first use."""

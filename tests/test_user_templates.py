@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from datasets import load_from_disk
 
@@ -22,6 +21,8 @@ from glmtune.runs import Run
 from glmtune.templates import IGNORE_INDEX
 from glmtune.testing import make_tiny_model
 from glmtune.user_templates import TEMPLATE_FILENAME, load_template, shipped_templates
+
+from conftest import make_tiny_hf
 
 # A conversation with a system message, two exchanges and Chinese + English text.
 CHAT = [
@@ -65,35 +66,11 @@ EXPECTED = {
 }
 
 
-def make_tiny_hf(out: Path, donor: Path) -> Path:
-    """A tiny LlamaForCausalLM ("hf" generation) with a byte-level BPE tokenizer and no chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(donor / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_templates")
     glm3 = make_tiny_model(root / "chatglm3", "chatglm3")
-    hf = make_tiny_hf(root / "hf", make_tiny_model(root / "glm4", "glm4"))
+    hf = make_tiny_hf(root / "hf", make_tiny_model(root / "glm4", "glm4"), chat_template=None)
     return {"hf": hf, "chatglm3": glm3}
 
 
