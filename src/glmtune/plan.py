@@ -18,13 +18,16 @@ token from the model's sizes (hidden, ffn, heads, kv groups, head dim, vocabular
 - gradients and optimizer states in the trainable parameters' dtype (transformers' Trainer keeps no
   float32 master copy: with ``train.precision`` bf16/fp16 it runs autocast over the weights as loaded).
 - serving: weights, the KV cache (layers x 2 x kv heads x head dim x tokens x batch) and the prefill.
+- on the CPU under glibc's default policy, the free space its heap keeps resident at the peak (a measured
+  share of every layer's activations; none when ``MALLOC_MMAP_THRESHOLD_`` is 256 KiB or less).
 
 The peak is not the sum of everything: during the forward and backward pass the activations are alive
 and the gradients appear as they are freed; at the optimizer step the gradients and the step's
 temporaries are alive and the activations are gone. :class:`Plan` keeps both phases and reports the
 larger. Constants that come from measurement rather than from reading the code (the backward pass's
-transient gradients, the runtime's own memory) are named as such; ``benchmarks/plan_accuracy.py``
-compares the predictions with measured peaks (results in ``benchmarks/RESULTS.md``).
+transient gradients, the runtime's own memory, the free space glibc keeps) are named as such;
+``benchmarks/plan_accuracy.py`` compares the predictions with measured peaks (results in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ __all__ = [
     "Suggestion",
     "device_capacity",
     "format_bytes",
+    "glibc_keeps_freed_memory",
     "model_shape",
     "parse_memory",
     "plan_config",
@@ -78,6 +82,39 @@ RUNTIME_BYTES = {"cuda": GiB // 2, "cpu": GiB // 2}
 # while that layer is differentiated: measured at about this share of one layer's saved activations
 # (benchmarks/plan_accuracy.py).
 BACKWARD_TRANSIENT = 1.0
+
+# glibc's malloc (Linux) serves every block under its mmap threshold from the process heap and keeps
+# freed blocks there for reuse instead of returning them to the system; the threshold starts at 128 KiB
+# and rises to the largest block freed so far, up to 32 MiB, so after the first step nearly every
+# activation tensor of a CPU run lives in the heap. Each layer leaves the tensors it keeps (saved
+# activations, or the checkpointed layer input) between the blocks of its freed temporaries, which the
+# next layers reuse only where their sizes fit: at the peak the heap also holds free space that grows with
+# depth, measured as a share of every layer's activations (``_Layout.glibc_heap_share``;
+# benchmarks/plan_accuracy.py, 25 shapes and methods). Tensors above 32 MiB are mapped on their own and
+# returned at once, so for shapes whose layer tensors are that large this over-counts. With
+# MALLOC_MMAP_THRESHOLD_ set to 256 KiB or less glibc maps every large block on its own and the free space
+# goes, at a cost in speed (36 % here, benchmarks/RESULTS.md), which is why glmtune does not set it.
+LIVE_MMAP_THRESHOLD = 256 << 10
+# glibc's dynamic mmap threshold stops rising here (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): larger blocks
+# are always mapped on their own. Once a layer's residual-stream tensor (tokens x hidden) is larger, the
+# bulk of its activations never enters the heap: measured 0.10 of every layer's activations kept at 47
+# MiB, against 0.63 at 24 MiB (benchmarks/plan_accuracy.py, big-tensors and mid-tensors), so none is
+# counted past it.
+GLIBC_MMAP_CEILING = 32 << 20
+
+
+def glibc_keeps_freed_memory(environ=None) -> bool:
+    """Whether this process's CPU allocations keep freed memory resident (glibc's default policy)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False  # not measured with other allocators: the plan counts live tensors only
+    value = (os.environ if environ is None else environ).get("MALLOC_MMAP_THRESHOLD_", "")
+    try:
+        return int(value) > LIVE_MMAP_THRESHOLD
+    except ValueError:
+        return True
+
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -513,6 +550,10 @@ class _Layout:
     head: Callable[[Shape, _Act], float]  # the final norm and what the layers share
     first_norm: Callable[[Shape, _Act], float]  # the first norm's input and statistics
     prefix_keeps_mask: bool  # the P-Tuning prefix goes through a dropout that keeps its mask
+    # Free heap space glibc keeps at the peak of a CPU run, as a share of every layer's saved activations
+    # (measured, benchmarks/plan_accuracy.py: 0.30-0.63 over 21 gated cases, 0.75-0.94 over 4 ChatGLM-6B
+    # ones, whose fused QKV and GELU temporaries are larger beside what they keep).
+    glibc_heap_share: float
 
 
 _LAYOUTS = {
@@ -522,6 +563,7 @@ _LAYOUTS = {
         _gated_head,
         lambda s, k: 4 * s.hidden + 4,
         True,
+        0.45,
     ),
     "chatglm_v1": _Layout(
         _v1_layer,
@@ -529,6 +571,7 @@ _LAYOUTS = {
         _v1_head,
         lambda s, k: k.c * s.hidden + 8,
         False,
+        0.85,
     ),
 }
 
@@ -552,8 +595,14 @@ def _positive(n: int, what: str) -> int:
     return n
 
 
-def plan_training(model: ResolvedModel, settings: Settings, device: str = "cuda") -> Plan:
-    """The predicted peak memory of ``glmtune train`` with ``settings`` on one ``device`` ("cuda"/"cpu")."""
+def plan_training(
+    model: ResolvedModel, settings: Settings, device: str = "cuda", *, glibc_heap: bool | None = None
+) -> Plan:
+    """The predicted peak memory of ``glmtune train`` with ``settings`` on one ``device`` ("cuda"/"cpu").
+
+    ``glibc_heap``: count the free space glibc's heap keeps on the CPU (default: whether this process's
+    allocator does, :func:`glibc_keeps_freed_memory`); ignored on CUDA.
+    """
     st = settings
     if device not in RUNTIME_BYTES:
         raise ConfigError(f"device kind {device!r}: expected cuda or cpu")
@@ -731,7 +780,21 @@ def plan_training(model: ResolvedModel, settings: Settings, device: str = "cuda"
         fwd += grads
     step = grads + step_tmp
     phase = "forward/backward" if fwd >= step else "optimizer step"
-    total = resident + max(fwd, step) + runtime
+    if glibc_heap is None:
+        glibc_heap = glibc_keeps_freed_memory()
+    heap, heap_note = 0, ""
+    residual = tokens * shape.hidden * c  # bytes of one residual-stream tensor of the batch
+    if device == "cpu" and glibc_heap and residual <= GLIBC_MMAP_CEILING:
+        heap = int(layout.glibc_heap_share * per_layer * tokens * shape.layers)
+        heap_note = (
+            f"{layout.glibc_heap_share:g} x every layer's activations, free but resident; "
+            "MALLOC_MMAP_THRESHOLD_=262144 returns it (slower)"
+        )
+    elif device == "cpu" and glibc_heap:
+        heap_note = (
+            f"none: a layer's tensors ({residual / 2**20:.1f} MiB and up) pass glibc's 32 MiB mmap ceiling"
+        )
+    total = resident + max(fwd, step) + heap + runtime
     lines = [
         Line("weights", weights, wnote),
         Line("trainable parameters", adapter, trainable_note),
@@ -753,6 +816,8 @@ def plan_training(model: ResolvedModel, settings: Settings, device: str = "cuda"
         lines.append(
             Line("autocast weight copies", cast_copies, f"{st.precision} copies of float32 Linear weights")
         )
+    if heap_note:
+        lines.append(Line("freed memory glibc keeps", heap, heap_note))
     lines.append(Line("runtime", runtime, "CUDA context" if device == "cuda" else "Python, torch, data"))
     detail = {
         "per_layer": per_layer,
@@ -765,6 +830,7 @@ def plan_training(model: ResolvedModel, settings: Settings, device: str = "cuda"
         "forward_backward": fwd,
         "step": step,
         "resident": resident,
+        "glibc_heap": heap,
     }
     return Plan("train", device, st, shape, tuple(lines), int(total), phase, trainable, detail)
 
@@ -1101,9 +1167,11 @@ def _hub_configs(model_id: str) -> str:
         return model_id
 
 
-def plan_config(cfg, *, serve: bool = False, device: str = "cuda") -> tuple[ResolvedModel, Plan]:
+def plan_config(
+    cfg, *, serve: bool = False, device: str = "cuda", glibc_heap: bool | None = None
+) -> tuple[ResolvedModel, Plan]:
     """Resolve the config's model (config.json only; a hub id fetches its config files, not the
-    weights) and plan training or serving it."""
+    weights) and plan training or serving it (``glibc_heap``: see :func:`plan_training`)."""
     m = cfg.model
     quant = None if m.quantization in (None, "none") else m.quantization
     resolved = resolve_model(
@@ -1115,7 +1183,9 @@ def plan_config(cfg, *, serve: bool = False, device: str = "cuda") -> tuple[Reso
         trust_remote_code=m.trust_remote_code,
     )
     settings = settings_of(cfg)
-    return resolved, (plan_serving if serve else plan_training)(resolved, settings, device)
+    if serve:
+        return resolved, plan_serving(resolved, settings, device)
+    return resolved, plan_training(resolved, settings, device, glibc_heap=glibc_heap)
 
 
 def report(
