@@ -56,8 +56,8 @@ lock: $(LATEST)/passed.txt
 	cp $(LATEST)/passed.txt $(LOCK)
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 
 bench-memory: install
 	$(PY) benchmarks/load_memory.py

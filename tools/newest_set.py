@@ -1,8 +1,8 @@
 """Helpers for `make test-latest` and `make lock` (stdlib only; run with the venv's python).
 
-    python tools/newest_set.py names          glmtune's direct requirements (base + dev), names only
-    python tools/newest_set.py freeze OUT     the venv's exact set as a constraints file, atomically
-    python tools/newest_set.py diff A B       the packages whose versions differ between two sets
+python tools/newest_set.py names          glmtune's direct requirements (base + dev), names only
+python tools/newest_set.py freeze OUT     the venv's exact set as a constraints file, atomically
+python tools/newest_set.py diff A B       the packages whose versions differ between two sets
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def read_set(path: str | Path) -> dict[str, str]:
 
 def freeze(out: str, header: str) -> None:
     lines = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
     # Local build tags (torch's "+cpu") would not match a CUDA build of the same release.
     pins = [re.sub(r"\+[A-Za-z0-9.]+$", "", line) for line in lines if "==" in line]
