@@ -211,6 +211,114 @@ with open(sys.argv[2], "w") as f:
 """
 
 
+@dataclass(frozen=True)
+class ServeCase:
+    """Generation with the KV cache: ``batch`` rows of ``prompt`` tokens, then exactly ``new`` tokens each."""
+
+    name: str
+    generation: str
+    sizes: dict
+    batch: int
+    prompt: int
+    new: int
+    quantization: str | None = None
+    vocab: int | None = None
+
+    def describe(self) -> str:
+        s = self.sizes
+        quant = f", {self.quantization}" if self.quantization else ", float32"
+        return (
+            f"{self.generation} h{s['hidden']} L{s['layers']} f{s['ffn']}{quant}, "
+            f"{self.batch} x ({self.prompt} prompt + {self.new} new tokens)"
+        )
+
+
+SERVE_CASES = [
+    ServeCase("serve", "chatglm3", GLM, 1, 1024, 256),
+    ServeCase("serve-batch", "chatglm3", GLM, 4, 512, 256),
+    ServeCase("serve-deep", "chatglm3", GLM_DEEP, 2, 1024, 512),
+    ServeCase("serve-glm4-4bit", "glm4", GLM_WIDE, 2, 512, 128, "4bit"),
+    ServeCase("serve-v1", "chatglm", V1, 2, 512, 256),
+    ServeCase("serve-v1-8bit", "chatglm", V1_WIDE, 2, 512, 128, "8bit"),
+]
+
+# Runs in a fresh process: load through glmtune's inference engine and generate, with memory readings.
+SERVE_CHILD = r"""
+import json, sys, torch
+import transformers.generation.utils  # generate()'s modules: runtime, like the training child's imports
+from glmtune.inference import Engine
+from glmtune.loading import load_model, load_tokenizer
+from glmtune.resolve import resolve_model
+
+folder, quant, batch, prompt, new, out = sys.argv[1:7]
+batch, prompt, new = int(batch), int(prompt), int(new)
+state = {}
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+resolved = resolve_model(folder, dtype="float32", device="cpu", quantization=quant or None)
+tokenizer = load_tokenizer(resolved)  # before the baseline, as the training child has its data
+if quant in ("4bit", "8bit"):
+    import bitsandbytes  # noqa: F401  the library's own memory is runtime (the training child imports it too)
+state["baseline"] = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+engine = Engine(load_model(resolved), tokenizer, resolved.spec, resolved.template)
+state["load_peak"] = status("VmHWM:")  # loading (each tensor's file pages are mapped while it is read)
+state["loaded"] = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+gen = torch.Generator().manual_seed(0)
+ids = torch.randint(10, engine.tokenizer.vocab_size - 10, (batch, prompt), generator=gen)
+with torch.no_grad():
+    result = engine.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        min_new_tokens=new,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=engine.pad_id,
+    )
+assert result.shape == (batch, prompt + new), result.shape
+state["generation_peak"] = status("VmHWM:")
+state["peak"] = max(state["load_peak"], state["generation_peak"])
+with open(out, "w") as f:
+    json.dump(state, f)
+"""
+
+
+def measure_serving(work: Path, case: ServeCase, env: dict) -> dict:
+    model = build_model(work, case)
+    out = work / f"{case.name}.memory.json"
+    out.unlink(missing_ok=True)
+    args = [str(model), case.quantization or "", str(case.batch), str(case.prompt), str(case.new), str(out)]
+    proc = subprocess.run([sys.executable, "-c", SERVE_CHILD, *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case.name}: generation failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def predict_serving(work: Path, case: ServeCase):
+    from glmtune.plan import Settings, plan_serving
+    from glmtune.resolve import resolve_model
+
+    resolved = resolve_model(
+        build_model(work, case), dtype="float32", device="cpu", quantization=case.quantization
+    )
+    st = Settings(
+        method="full",
+        dtype="float32",
+        quantization=case.quantization,
+        batch_size=case.batch,
+        prompt_len=case.prompt,
+        max_new_tokens=case.new,
+    )
+    return plan_serving(resolved, st, "cpu")
+
+
 def _long_text(seed: int, chars: int = 4000) -> str:
     import random
 
@@ -471,24 +579,49 @@ def main() -> int:
         help="print the plan for benchmarks/gpu_check.py's training stages (CUDA), beside the peaks of its "
         "--out JSON when given",
     )
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="the generation cases (glmtune plan --serve against the peak of KV-cache generation) instead",
+    )
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     if args.list:
-        for c in CASES:
-            print(f"{c.name:<14} {c.describe()}")
+        for c in CASES + SERVE_CASES:
+            print(f"{c.name:<16} {c.describe()}")
         return 0
     if args.replan:
         return replan(args.replan, args.work, args.json, args.markdown)
     if args.gpu_check is not None:
         return gpu_check(Path(args.gpu_check) if args.gpu_check else None, args.work)
-    chosen = CASES if not args.cases else [c for c in CASES if c.name in args.cases.split(",")]
+    pool = SERVE_CASES if args.serve else CASES
+    chosen = pool if not args.cases else [c for c in pool if c.name in args.cases.split(",")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     modes = ["default", "live"] if args.malloc == "both" else [args.malloc]
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     t0 = time.time()
+    if args.serve:
+        print(f"{'case':<16}{'predicted':>11}{'measured':>11}{'ratio':>8}   mode; shape", flush=True)
+        for case in chosen:
+            plan = predict_serving(args.work, case)  # generation keeps no heap line: the same in both modes
+            row = {"case": case.name, "shape": case.describe()}
+            for mode in modes:
+                run_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(262144)) if mode == "live" else env
+                mem = measure_serving(args.work, case, run_env)
+                measured = mem["peak"] - mem["baseline"]
+                ratio = plan.model_bytes / measured
+                row[mode] = {**_predicted(plan), "measured": measured, "ratio": ratio, **mem}
+                print(
+                    f"{case.name:<16}{plan.model_bytes / 2**20:>9.0f}Mi{measured / 2**20:>9.0f}Mi{ratio:>8.2f}"
+                    f"   {mode}; {case.describe()}",
+                    flush=True,
+                )
+            results.append(row)
+        print(f"{time.time() - t0:.0f} s")
+        return summarize(results, modes, args.json, args.markdown)
     print(f"{'case':<16}{'predicted':>11}{'measured':>11}{'ratio':>8}   mode: phase; shape", flush=True)
     for case in chosen:
         model = build_model(args.work, case)
