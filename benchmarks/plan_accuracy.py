@@ -18,12 +18,13 @@ constants (``glibc_heap_share`` in ``glmtune.plan._LAYOUTS``) were fitted on the
 ``held-out`` ones were added afterwards to check every constant on shapes it never saw. Exit status 1
 when a case is off by more than 20 % in either mode.
 
-    .venv/bin/python benchmarks/plan_accuracy.py                    # every case, both modes (~25 min, 2 cores)
+    .venv/bin/python benchmarks/plan_accuracy.py                    # every training case, both modes (~30 min, 2 cores)
     .venv/bin/python benchmarks/plan_accuracy.py --cases lora,full --malloc live
     .venv/bin/python benchmarks/plan_accuracy.py --list
     .venv/bin/python benchmarks/plan_accuracy.py --json /tmp/plan.json --markdown /tmp/plan.md
     .venv/bin/python benchmarks/plan_accuracy.py --replan /tmp/plan.json   # current code, old measurements
     .venv/bin/python benchmarks/plan_accuracy.py --gpu-check [gpu_check.json]  # the GPU check's stages
+    .venv/bin/python benchmarks/plan_accuracy.py --serve                 # generation: plan --serve (~5 min)
 """
 
 from __future__ import annotations
@@ -603,35 +604,16 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     t0 = time.time()
-    if args.serve:
-        print(f"{'case':<16}{'predicted':>11}{'measured':>11}{'ratio':>8}   mode; shape", flush=True)
-        for case in chosen:
-            plan = predict_serving(args.work, case)  # generation keeps no heap line: the same in both modes
-            row = {"case": case.name, "shape": case.describe()}
-            for mode in modes:
-                run_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(262144)) if mode == "live" else env
-                mem = measure_serving(args.work, case, run_env)
-                measured = mem["peak"] - mem["baseline"]
-                ratio = plan.model_bytes / measured
-                row[mode] = {**_predicted(plan), "measured": measured, "ratio": ratio, **mem}
-                print(
-                    f"{case.name:<16}{plan.model_bytes / 2**20:>9.0f}Mi{measured / 2**20:>9.0f}Mi{ratio:>8.2f}"
-                    f"   {mode}; {case.describe()}",
-                    flush=True,
-                )
-            results.append(row)
-        print(f"{time.time() - t0:.0f} s")
-        return summarize(results, modes, args.json, args.markdown)
     print(f"{'case':<16}{'predicted':>11}{'measured':>11}{'ratio':>8}   mode: phase; shape", flush=True)
     for case in chosen:
-        model = build_model(args.work, case)
-        config = write_run(args.work, case, model, args.steps)
+        config = None if args.serve else write_run(args.work, case, build_model(args.work, case), args.steps)
         t = time.time()
-        row = {"case": case.name, "shape": case.describe(), "held_out": case.held_out}
+        row = {"case": case.name, "shape": case.describe(), "held_out": getattr(case, "held_out", False)}
         for mode in modes:
-            plan = predict(config, mode)
+            # generation has no heap line: its plan is the same in both modes
+            plan = predict_serving(args.work, case) if args.serve else predict(config, mode)
             run_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(262144)) if mode == "live" else env
-            mem = measure(config, run_env)
+            mem = measure_serving(args.work, case, run_env) if args.serve else measure(config, run_env)
             measured = mem["peak"] - mem["baseline"]
             ratio = plan.model_bytes / measured
             row[mode] = {**_predicted(plan), "measured": measured, "ratio": ratio, **mem}
