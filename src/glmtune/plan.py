@@ -90,10 +90,9 @@ BACKWARD_TRANSIENT = 1.0
 # activations, or the checkpointed layer input) between the blocks of its freed temporaries, which the
 # next layers reuse only where their sizes fit: at the peak the heap also holds free space that grows with
 # depth, measured as a share of every layer's activations (``_Layout.glibc_heap_share``;
-# benchmarks/plan_accuracy.py, 25 shapes and methods). Tensors above 32 MiB are mapped on their own and
-# returned at once, so for shapes whose layer tensors are that large this over-counts. With
-# MALLOC_MMAP_THRESHOLD_ set to 256 KiB or less glibc maps every large block on its own and the free space
-# goes, at a cost in speed (36 % here, benchmarks/RESULTS.md), which is why glmtune does not set it.
+# benchmarks/plan_accuracy.py: 31 shapes and methods). With MALLOC_MMAP_THRESHOLD_ set to 256 KiB or less
+# glibc maps every large block on its own and the free space goes, at a cost in speed (37 % fewer
+# examples/s here, benchmarks/RESULTS.md), which is why glmtune does not set it.
 LIVE_MMAP_THRESHOLD = 256 << 10
 # glibc's dynamic mmap threshold stops rising here (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): larger blocks
 # are always mapped on their own. Once a layer's residual-stream tensor (tokens x hidden) is larger, the
@@ -551,8 +550,9 @@ class _Layout:
     first_norm: Callable[[Shape, _Act], float]  # the first norm's input and statistics
     prefix_keeps_mask: bool  # the P-Tuning prefix goes through a dropout that keeps its mask
     # Free heap space glibc keeps at the peak of a CPU run, as a share of every layer's saved activations
-    # (measured, benchmarks/plan_accuracy.py: 0.30-0.63 over 21 gated cases, 0.75-0.94 over 4 ChatGLM-6B
-    # ones, whose fused QKV and GELU temporaries are larger beside what they keep).
+    # (measured, benchmarks/plan_accuracy.py: 0.25-0.67 over 25 gated cases below the mmap ceiling,
+    # 0.82-1.06 over 5 ChatGLM-6B ones, whose fused QKV and GELU temporaries are larger beside what they
+    # keep; the values were fixed before the held-out cases ran).
     glibc_heap_share: float
 
 
