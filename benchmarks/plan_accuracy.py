@@ -224,6 +224,7 @@ class ServeCase:
     new: int
     quantization: str | None = None
     vocab: int | None = None
+    held_out: bool = False
 
     def describe(self) -> str:
         s = self.sizes
@@ -231,6 +232,7 @@ class ServeCase:
         return (
             f"{self.generation} h{s['hidden']} L{s['layers']} f{s['ffn']}{quant}, "
             f"{self.batch} x ({self.prompt} prompt + {self.new} new tokens)"
+            + (" (held-out)" if self.held_out else "")
         )
 
 
@@ -241,6 +243,9 @@ SERVE_CASES = [
     ServeCase("serve-glm4-4bit", "glm4", GLM_WIDE, 2, 512, 128, "4bit"),
     ServeCase("serve-v1", "chatglm", V1, 2, 512, 256),
     ServeCase("serve-v1-8bit", "chatglm", V1_WIDE, 2, 512, 128, "8bit"),
+    # Held out: added after the heap term of generation was fixed on the float cases above.
+    ServeCase("serve-glm4-deep", "glm4", dict(GLM, layers=10), 3, 768, 384, held_out=True),
+    ServeCase("serve-v1-long", "chatglm", dict(V1, layers=8), 1, 1536, 256, held_out=True),
 ]
 
 # Runs in a fresh process: load through glmtune's inference engine and generate, with memory readings.
@@ -302,7 +307,7 @@ def measure_serving(work: Path, case: ServeCase, env: dict) -> dict:
     return json.loads(out.read_text())
 
 
-def predict_serving(work: Path, case: ServeCase):
+def predict_serving(work: Path, case: ServeCase, mode: str):
     from glmtune.plan import Settings, plan_serving
     from glmtune.resolve import resolve_model
 
@@ -317,7 +322,7 @@ def predict_serving(work: Path, case: ServeCase):
         prompt_len=case.prompt,
         max_new_tokens=case.new,
     )
-    return plan_serving(resolved, st, "cpu")
+    return plan_serving(resolved, st, "cpu", glibc_heap=mode == "default")
 
 
 def _long_text(seed: int, chars: int = 4000) -> str:
@@ -505,13 +510,17 @@ def replan(results_file: Path, work: Path, json_out: Path | None, markdown: Path
     results = json.loads(results_file.read_text())
     modes = [m for m in ("default", "live") if m in results[0]]
     cases = {c.name: c for c in CASES}
+    serving = {c.name: c for c in SERVE_CASES}
     for r in results:
         config = work / r["case"] / "config.yaml"
-        if not config.exists():  # the run folder is gone: the same model and config again
+        if r["case"] not in serving and not config.exists():  # the run folder is gone: write it again
             case = cases[r["case"]]
             config = write_run(work, case, build_model(work, case), 2)
         for m in modes:
-            r[m].update(_predicted(predict(config, m)))
+            plan = (
+                predict_serving(work, serving[r["case"]], m) if r["case"] in serving else predict(config, m)
+            )
+            r[m].update(_predicted(plan))
             r[m]["ratio"] = r[m]["predicted"] / r[m]["measured"]
             print(
                 f"{r['case']:<16}{r[m]['predicted'] / 2**20:>9.0f}Mi{r[m]['measured'] / 2**20:>9.0f}Mi"
@@ -608,10 +617,9 @@ def main() -> int:
     for case in chosen:
         config = None if args.serve else write_run(args.work, case, build_model(args.work, case), args.steps)
         t = time.time()
-        row = {"case": case.name, "shape": case.describe(), "held_out": getattr(case, "held_out", False)}
+        row = {"case": case.name, "shape": case.describe(), "held_out": case.held_out}
         for mode in modes:
-            # generation has no heap line: its plan is the same in both modes
-            plan = predict_serving(args.work, case) if args.serve else predict(config, mode)
+            plan = predict_serving(args.work, case, mode) if args.serve else predict(config, mode)
             run_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(262144)) if mode == "live" else env
             mem = measure_serving(args.work, case, run_env) if args.serve else measure(config, run_env)
             measured = mem["peak"] - mem["baseline"]

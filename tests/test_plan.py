@@ -313,6 +313,18 @@ def test_no_heap_is_counted_once_a_layers_tensors_pass_glibcs_mmap_ceiling():
     assert heap[4].bytes == 0 and "32 MiB mmap ceiling" in heap[4].note
 
 
+def test_cpu_serving_plan_keeps_the_prefill_working_set_in_glibcs_heap(tiny):
+    resolved = resolve_model(tiny("chatglm3"), device="cpu")
+    st = Settings(dtype="float32", batch_size=2, prompt_len=512, max_new_tokens=64)
+    kept = plan_serving(resolved, st, device="cpu", glibc_heap=True)
+    live = plan_serving(resolved, st, device="cpu", glibc_heap=False)
+    prefill = kept.line("prefill working set").bytes
+    assert kept.line("freed memory glibc keeps").bytes == prefill > 0
+    assert kept.total == live.total + prefill
+    for plan in (live, plan_serving(resolved, st, device="cuda", glibc_heap=True)):
+        assert "freed memory glibc keeps" not in [line.name for line in plan.lines]
+
+
 def test_whether_the_allocator_keeps_freed_memory_follows_malloc_mmap_threshold(monkeypatch):
     import platform
 

@@ -835,9 +835,12 @@ def plan_training(
     return Plan("train", device, st, shape, tuple(lines), int(total), phase, trainable, detail)
 
 
-def plan_serving(model: ResolvedModel, settings: Settings, device: str = "cuda") -> Plan:
+def plan_serving(
+    model: ResolvedModel, settings: Settings, device: str = "cuda", *, glibc_heap: bool | None = None
+) -> Plan:
     """The predicted peak memory of generating for ``batch_size`` sequences of ``prompt_len`` +
-    ``max_new_tokens`` tokens (``glmtune serve`` / ``chat`` / ``predict``)."""
+    ``max_new_tokens`` tokens (``glmtune serve`` / ``chat`` / ``predict``); ``glibc_heap`` as in
+    :func:`plan_training`."""
     st = settings
     if device not in RUNTIME_BYTES:
         raise ConfigError(f"device kind {device!r}: expected cuda or cpu")
@@ -868,7 +871,14 @@ def plan_serving(model: ResolvedModel, settings: Settings, device: str = "cuda")
     prefill = rows * st.prompt_len * (3 * shape.hidden + 4 * shape.ffn) * c + rows * st.prompt_len * t * c
     logits = rows * shape.vocab * (c + 8)
     runtime = RUNTIME_BYTES[device]
-    total = weights + adapter + kv_cache + prefill + logits + runtime
+    # On the CPU under glibc's default policy the prefill's freed working set stays in the heap while the
+    # decoding steps allocate the growing KV cache elsewhere: measured at 1.0x the prefill line
+    # (benchmarks/plan_accuracy.py --serve); none when the prefill's tensors pass the mmap ceiling.
+    if glibc_heap is None:
+        glibc_heap = glibc_keeps_freed_memory()
+    residual = rows * st.prompt_len * shape.hidden * c
+    heap = prefill if device == "cpu" and glibc_heap and residual <= GLIBC_MMAP_CEILING else 0
+    total = weights + adapter + kv_cache + prefill + heap + logits + runtime
     lines = (
         Line(
             "weights",
@@ -884,8 +894,10 @@ def plan_serving(model: ResolvedModel, settings: Settings, device: str = "cuda")
         ),
         Line("prefill working set", prefill, f"one layer over {rows} x {st.prompt_len:,} prompt tokens"),
         Line("logits", logits, f"last position x {shape.vocab:,} vocab, float32 scores"),
-        Line("runtime", runtime, "CUDA context" if device == "cuda" else "Python, torch"),
     )
+    if heap:
+        lines += (Line("freed memory glibc keeps", heap, "the prefill's working set, free but resident"),)
+    lines += (Line("runtime", runtime, "CUDA context" if device == "cuda" else "Python, torch"),)
     return Plan("serve", device, st, shape, lines, int(total), "generation", 0)
 
 
@@ -1184,7 +1196,7 @@ def plan_config(
     )
     settings = settings_of(cfg)
     if serve:
-        return resolved, plan_serving(resolved, settings, device)
+        return resolved, plan_serving(resolved, settings, device, glibc_heap=glibc_heap)
     return resolved, plan_training(resolved, settings, device, glibc_heap=glibc_heap)
 
 
