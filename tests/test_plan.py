@@ -325,6 +325,20 @@ def test_cpu_serving_plan_keeps_the_prefill_working_set_in_glibcs_heap(tiny):
         assert "freed memory glibc keeps" not in [line.name for line in plan.lines]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_serving_computes_in_the_models_dtype(tiny, dtype):
+    # bitsandbytes layers compute in the model's dtype (StreamQuantizer's compute_dtype), so the KV cache
+    # and the prefill are those of the unquantized model; only the weights shrink.
+    resolved = resolve_model(tiny("chatglm3"), device="cpu")
+    base = dict(dtype=dtype, batch_size=2, prompt_len=256, max_new_tokens=64)
+    plain = plan_serving(resolved, Settings(**base), device="cpu", glibc_heap=False)
+    for quant in ("4bit", "8bit"):
+        q = plan_serving(resolved, Settings(**base, quantization=quant), device="cpu", glibc_heap=False)
+        for name in ("KV cache", "prefill working set"):
+            assert q.line(name).bytes == plain.line(name).bytes
+        assert q.line("weights").bytes < plain.line("weights").bytes
+
+
 def test_whether_the_allocator_keeps_freed_memory_follows_malloc_mmap_threshold(monkeypatch):
     import platform
 

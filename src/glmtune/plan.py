@@ -849,10 +849,12 @@ def plan_serving(
     shape = model_shape(model, (st.pre_seq_len, st.prefix_projection) if ptuning else None)
     wb = _bytes(st.dtype)
     quant = st.quantization
-    # bitsandbytes computes in bf16/fp16; int8-dynamic in float32; int8-cpu in the weights' dtype.
-    c = 4 if quant == "int8-dynamic" else (2 if quant in ("4bit", "8bit") else wb)
+    # bitsandbytes layers compute in the model's dtype (glmtune.quantize.StreamQuantizer's compute_dtype:
+    # bf16/fp16 on a GPU, float32 by default on the CPU), int8-cpu too; int8-dynamic in float32. The
+    # layers that stay float (embeddings, norms, output layer) are in the model's dtype.
+    c = 4 if quant == "int8-dynamic" else wb
     lin_bytes, how = _quantized_linear_bytes(shape, quant, wb)
-    other_b = c if quant in ("4bit", "8bit") else (4 if quant == "int8-dynamic" else wb)
+    other_b = c
     weights = lin_bytes + (shape.params - shape.linear_params) * other_b + shape.prefix_params * 4
     adapter = 0
     if (
