@@ -1,4 +1,5 @@
-"""``glmtune plan`` against measured peaks: CPU training runs of several shapes and methods (not run in CI).
+"""``glmtune plan`` against measured peaks: CPU training and generation runs of several shapes and methods
+(not run in CI; one case is the slow test in tests/test_plan.py).
 
 Each case writes a random model in the official layout (``glmtune.testing.make_tiny_model`` at sizes
 where the model, optimizer and activations dwarf the runtime; a padded vocabulary where the case is
@@ -14,8 +15,10 @@ Each case runs twice (``--malloc both``): with glibc's default policy ("default"
 glibc keeps freed activation memory in its heap, which the plan's "freed memory glibc keeps" line counts)
 and with ``MALLOC_MMAP_THRESHOLD_=262144`` ("live": glibc maps every large block on its own, so the
 resident memory follows the live tensors; the plan is then made without that line). The heap line's
-constants (``glibc_heap_share`` in ``glmtune.plan._LAYOUTS``) were fitted on the first 25 cases; the
-``held-out`` ones were added afterwards to check every constant on shapes it never saw. Exit status 1
+constants (``glibc_heap_share`` in ``glmtune.plan._LAYOUTS``, ``GLIBC_MMAP_CEILING``) were fitted on the
+cases listed before the ``held-out`` ones, which were added afterwards to check every constant on shapes
+it never saw. ``--serve`` runs the generation cases the same way (load through glmtune's engine, then
+exactly the given number of new tokens with the KV cache) against ``glmtune plan --serve``. Exit status 1
 when a case is off by more than 20 % in either mode.
 
     .venv/bin/python benchmarks/plan_accuracy.py                    # every training case, both modes (~30 min, 2 cores)
@@ -24,7 +27,7 @@ when a case is off by more than 20 % in either mode.
     .venv/bin/python benchmarks/plan_accuracy.py --json /tmp/plan.json --markdown /tmp/plan.md
     .venv/bin/python benchmarks/plan_accuracy.py --replan /tmp/plan.json   # current code, old measurements
     .venv/bin/python benchmarks/plan_accuracy.py --gpu-check [gpu_check.json]  # the GPU check's stages
-    .venv/bin/python benchmarks/plan_accuracy.py --serve                 # generation: plan --serve (~5 min)
+    .venv/bin/python benchmarks/plan_accuracy.py --serve                 # generation: plan --serve (~8 min)
 """
 
 from __future__ import annotations
