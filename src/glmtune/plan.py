@@ -33,8 +33,10 @@ transient gradients, the runtime's own memory, the free space glibc keeps) are n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,11 +104,16 @@ LIVE_MMAP_THRESHOLD = 256 << 10
 GLIBC_MMAP_CEILING = 32 << 20
 
 
+@functools.cache
+def _libc() -> str:
+    # platform.libc_ver() reads the Python executable's bytes: once per process, not once per plan
+    # (glmtune plan makes a plan for every suggestion it tries).
+    return platform.libc_ver()[0]
+
+
 def glibc_keeps_freed_memory(environ=None) -> bool:
     """Whether this process's CPU allocations keep freed memory resident (glibc's default policy)."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
+    if _libc() != "glibc":
         return False  # not measured with other allocators: the plan counts live tensors only
     value = (os.environ if environ is None else environ).get("MALLOC_MMAP_THRESHOLD_", "")
     try:
